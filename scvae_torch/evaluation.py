@@ -1,3 +1,147 @@
 """Test ELBO, importance-weighted log-likelihood, latent means, GMVAE clusters, ARI/AMI."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from .models import GMVAE, VAE
+from .training import atomic_write_text, evaluate_terms, load_model, minibatch, resolve_device
+
+
+@torch.no_grad()
+def latent_means(model: VAE, X: sp.csr_matrix, rows: np.ndarray, device: torch.device | str = "cpu",
+                 batch_size: int = 1024) -> np.ndarray:
+    """Latent representation (mean of q(z|x), mixed over q(y|x) for a GMVAE) of the given cells."""
+    model.eval()
+    device = torch.device(device)
+    parts = [model.latent(minibatch(X, rows[s:s + batch_size], device)).cpu()
+             for s in range(0, len(rows), batch_size)]
+    return torch.cat(parts).numpy() if parts else np.zeros((0, model.cfg.latent), np.float32)
+
+
+@torch.no_grad()
+def responsibilities(model: GMVAE, X: sp.csr_matrix, rows: np.ndarray, device: torch.device | str = "cpu",
+                     batch_size: int = 1024) -> np.ndarray:
+    """q(y|x) of a GMVAE for the given cells, shape (cells, K)."""
+    model.eval()
+    device = torch.device(device)
+    parts = [model.responsibilities(minibatch(X, rows[s:s + batch_size], device)).cpu()
+             for s in range(0, len(rows), batch_size)]
+    return torch.cat(parts).numpy() if parts else np.zeros((0, model.cfg.components), np.float32)
+
+
+@torch.no_grad()
+def decoded_feature_means(model: VAE, X: sp.csr_matrix, rows: np.ndarray, device: torch.device | str = "cpu",
+                          batch_size: int = 1024) -> np.ndarray:
+    """Mean over cells of the decoder's expected count per feature, decoded at each cell's latent mean."""
+    from . import distributions as D
+
+    model.eval()
+    device = torch.device(device)
+    total = torch.zeros(X.shape[1], dtype=torch.float64)
+    for s in range(0, len(rows), batch_size):
+        x = minibatch(X, rows[s:s + batch_size], device)
+        params = model.decode(model.latent(x), x)
+        total += D.mean(model.cfg.likelihood, params).double().sum(0).cpu()
+    return (total / max(len(rows), 1)).numpy()
+
+
+def cluster_scores(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Adjusted Rand index and adjusted mutual information of a clustering against known labels."""
+    from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
+
+    return {"ari": float(adjusted_rand_score(true, pred)), "ami": float(adjusted_mutual_info_score(true, pred))}
+
+
+def kmeans_labels(Z: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """k-means (scikit-learn, 10 restarts) cluster labels of the rows of Z."""
+    from sklearn.cluster import KMeans
+
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(Z)
+
+
+def pca_kmeans_baseline(X: sp.csr_matrix, k: int, n_pcs: int = 50, seed: int = 0) -> np.ndarray:
+    """The classical baseline: k-means on the first PCs of log1p counts (sparse-safe truncated SVD after centring)."""
+    from sklearn.decomposition import PCA
+
+    logged = X.astype(np.float32).log1p()
+    n_pcs = max(1, min(n_pcs, min(logged.shape) - 1))
+    pcs = PCA(n_components=n_pcs, random_state=seed, svd_solver="arpack" if sp.issparse(logged) else "auto") \
+        .fit_transform(logged)
+    return kmeans_labels(pcs, k, seed)
+
+
+def evaluate_model(model: VAE, X: sp.csr_matrix, rows: np.ndarray, iw_samples: int = 100, seed: int = 0,
+                   device: torch.device | str = "cpu", batch_size: int = 256) -> dict[str, float]:
+    """Mean test ELBO and its parts per cell, and the importance-weighted log-likelihood with iw_samples draws."""
+    torch.manual_seed(seed)
+    terms = evaluate_terms(model, X, rows, torch.device(device), batch_size=batch_size, iw_samples=iw_samples)
+    result = {k: terms[k] for k in ("elbo", "log_lik", "kl_z", "kl_y")}
+    if iw_samples:
+        result["iw_log_lik"] = terms["iw_log_lik"]
+    result.update(iw_samples=iw_samples, n_cells=int(len(rows)))
+    return result
+
+
+def evaluate_dataset(model_dir: str, data_path: str, metrics_path: str, latent_path: str,
+                     split_path: str | None = None, iw_samples: int = 100, seed: int = 0,
+                     feature_means_path: str | None = None, device: str = "auto") -> dict:
+    """Evaluate a run folder on the test split; write metrics JSON, latent.h5ad and optional feature means."""
+    import anndata as ad
+
+    from . import data
+
+    dev = resolve_device(device)
+    model = load_model(model_dir, dev)
+    counts = data.load_canonical(data_path)
+    split = Path(split_path) if split_path else Path(model_dir) / "split.tsv"
+    subsets = data.read_split(str(split), counts.cells)
+    test = subsets["test"]
+    metrics = {"model": model.cfg.model, "likelihood": model.cfg.likelihood,
+               **evaluate_model(model, counts.X, test, iw_samples=iw_samples, seed=seed, device=dev)}
+
+    everyone = np.arange(counts.X.shape[0])
+    obs = pd.DataFrame(index=pd.Index(counts.cells.astype(str), name="cell"))
+    subset_of = np.empty(len(everyone), dtype=object)
+    for name, rows in subsets.items():
+        subset_of[rows] = name
+    obs["subset"] = pd.Categorical(subset_of)
+    if counts.labels is not None:
+        obs["label"] = pd.Categorical(counts.labels.astype(str))
+    latent = ad.AnnData(X=sp.csr_matrix((len(everyone), 0), dtype=np.float32), obs=obs)
+    latent.obsm["X_scvae"] = latent_means(model, counts.X, everyone, dev)
+    if isinstance(model, GMVAE):
+        resp = responsibilities(model, counts.X, everyone, dev)
+        latent.obsm["scvae_responsibilities"] = resp
+        latent.obs["scvae_cluster"] = pd.Categorical(resp.argmax(1).astype(str))
+        if counts.labels is not None:
+            metrics["test_cluster"] = cluster_scores(counts.labels[test], resp[test].argmax(1))
+    latent.uns["scvae"] = {"model": model.cfg.model, "likelihood": model.cfg.likelihood}
+    _atomic_h5ad(latent, Path(latent_path))
+    if feature_means_path:
+        table = pd.DataFrame({"feature": counts.genes.astype(str),
+                              "observed_mean": np.asarray(counts.X[test].mean(0)).ravel(),
+                              "decoded_mean": decoded_feature_means(model, counts.X, test, dev)})
+        atomic_write_text(table.to_csv(sep="\t", index=False), Path(feature_means_path))
+    atomic_write_text(json.dumps(metrics, indent=2) + "\n", Path(metrics_path))
+    return metrics
+
+
+def _atomic_h5ad(adata, path: Path) -> None:
+    """Write an AnnData file to a temporary name, then rename."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.h5ad")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

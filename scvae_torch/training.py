@@ -2,15 +2,53 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from .models import GMVAE, VAE, ModelConfig, build_model
+
+log = logging.getLogger("scvae_torch.training")
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+HISTORY = "history.tsv"
+METRICS = "metrics.json"
+LOCK = ".lock"
+CHECKPOINT_FORMAT = 1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingError(Exception):
+    """Training cannot go on (non-finite loss, busy or mismatched output folder); one-line message."""
+
+
+class TrainingInterrupted(Exception):
+    """A stop signal arrived; a checkpoint at the end of the current minibatch was written."""
+
+    def __init__(self, signum: int, path: Path):
+        super().__init__(f"stopped by signal {signal.Signals(signum).name}; checkpoint written to {path}, "
+                         "run again to resume")
+        self.signum = signum
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings for one training run."""
+    """Optimisation settings for one training run (defaults mirror config/schema.yaml)."""
 
     epochs: int = 100
     batch_size: int = 100
@@ -20,9 +58,374 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"        # auto | cpu | cuda
     checkpoint_every: int = 10  # epochs
+    pretrain_epochs: int = 0    # GMVAE: epochs trained as a plain VAE before p(z|y) is set by k-means
+    iw_samples: int = 0         # importance samples for the validation log-likelihood each epoch (0 = off)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (self.kl_warmup >= 0, f"KL warm-up must be >= 0, got {self.kl_warmup}"),
+            (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
+            (self.pretrain_epochs >= 0, f"pretrain_epochs must be >= 0, got {self.pretrain_epochs}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build from a dict, refusing unknown keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**values)
 
 
-def fit(X: sp.csr_matrix, train_idx: np.ndarray, val_idx: np.ndarray, model_config: dict,
-        train_config: TrainConfig, out_dir: str) -> dict:
-    """Train (or resume) a model in out_dir; writes checkpoint.pt, best.pt, history.tsv, metrics.json."""
-    raise NotImplementedError
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable name of the device (GPU model or 'cpu')."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def atomic_torch_save(obj: dict, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write text to a temporary file in the same folder, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """Load a checkpoint safely (weights_only: no code is unpickled); a damaged file is a TrainingError."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # unpickling errors, truncated zip archives, foreign pickles
+        raise TrainingError(f"{path}: not a readable scvae-torch checkpoint ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else 'damaged'})") from None
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", which: str = "best") -> VAE:
+    """A trained model in eval mode from a run folder (best.pt or checkpoint.pt) or a checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / (BEST if which == "best" and (path / BEST).exists() else CHECKPOINT)
+    if not path.exists():
+        raise TrainingError(f"{path}: no checkpoint found")
+    state = load_checkpoint(path, device)
+    model = build_model(state["model_config"]).to(device)
+    model.load_state_dict(state["model_state"])
+    model.eval()
+    return model
+
+
+@contextlib.contextmanager
+def folder_lock(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on out_dir so two trainings never write the same folder."""
+    fh = open(out_dir / LOCK, "w")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainingError(f"{out_dir}: another training is already writing this folder "
+                                f"(lock {out_dir / LOCK} is held)") from None
+        yield
+    finally:
+        fh.close()
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """Record SIGTERM / SIGUSR1 (SLURM's time-limit and preemption warnings) instead of dying at once."""
+    received: list[int] = []
+    previous = {}
+    try:
+        for sig in STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+    except ValueError:  # not the main thread: signals cannot be caught here
+        previous = {}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def minibatch(X: sp.csr_matrix, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Dense float32 tensor of the given rows of a CSR matrix, on the device."""
+    dense = torch.from_numpy(X[rows].toarray().astype(np.float32, copy=False))
+    return dense.to(device, non_blocking=True)
+
+
+def kl_weight(epoch: int, warmup: int) -> float:
+    """Linear KL warm-up: weight (epoch+1)/warmup for the first `warmup` epochs, then 1."""
+    return 1.0 if warmup <= 0 else min(1.0, (epoch + 1) / warmup)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffling of epoch `epoch`: a function of (seed, epoch) only, so resuming needs no saved state."""
+    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
+
+
+TERMS = ("elbo", "log_lik", "kl_z", "kl_y")
+
+
+@torch.no_grad()
+def evaluate_terms(model: VAE, X: sp.csr_matrix, rows: np.ndarray, device: torch.device,
+                   batch_size: int = 512, iw_samples: int = 0) -> dict[str, float]:
+    """Mean ELBO terms per cell over `rows`, plus the Poisson-stability statistics of the decoded rates."""
+    model.eval()
+    sums = dict.fromkeys(TERMS, 0.0)
+    zero_rate_sum, max_rate, iw_sum = 0.0, 0.0, 0.0
+    for start in range(0, len(rows), batch_size):
+        x = minibatch(X, rows[start:start + batch_size], device)
+        out = model(x)
+        for k in TERMS:
+            sums[k] += out[k].double().sum().item()
+        rate = model.decode(model.latent(x), x)["log_mean"].exp()
+        zero_rate_sum += (rate * (x == 0)).double().sum().item()
+        max_rate = max(max_rate, rate.max().item())
+        if iw_samples:
+            iw_sum += model.iw_log_likelihood(x, iw_samples).double().sum().item()
+    n = max(len(rows), 1)
+    result = {k: v / n for k, v in sums.items()}
+    result.update(zero_rate_sum=zero_rate_sum / n, max_rate=max_rate)
+    if iw_samples:
+        result["iw_log_lik"] = iw_sum / n
+    return result
+
+
+@torch.no_grad()
+def init_mixture_prior(model: GMVAE, X: sp.csr_matrix, rows: np.ndarray, device: torch.device, seed: int) -> None:
+    """Set p(z|y) to k-means clusters of the pre-trained latent means (means and per-dimension variances)."""
+    from sklearn.cluster import KMeans
+
+    model.eval()
+    Z = torch.cat([model.encode_z(minibatch(X, rows[s:s + 1024], device))[0].mean(1).cpu()
+                   for s in range(0, len(rows), 1024)]).double().numpy()
+    K = model.cfg.components
+    km = KMeans(n_clusters=K, n_init=10, random_state=seed).fit(Z)
+    means = km.cluster_centers_
+    logvars = np.zeros_like(means)
+    for k in range(K):
+        members = Z[km.labels_ == k]
+        if len(members) > 1:
+            logvars[k] = np.log(members.var(0) + 1e-4)
+    model.prior_mu.copy_(torch.as_tensor(means, dtype=model.prior_mu.dtype))
+    model.prior_logvar.copy_(torch.as_tensor(logvars, dtype=model.prior_logvar.dtype))
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).cpu()
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _history_frame(history: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(history)
+
+
+def fit(X: sp.csr_matrix, train_idx: np.ndarray, val_idx: np.ndarray, model_config: dict | ModelConfig,
+        train_config: TrainConfig, out_dir: str | Path, labels: np.ndarray | None = None) -> dict:
+    """Train (or resume) a model in out_dir; writes checkpoint.pt, best.pt, history.tsv, metrics.json.
+
+    labels (integer codes per row of X) are used only by the supervised y-regularisation ablation.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_dict(
+        {**model_config, "n_features": X.shape[1]} if "n_features" not in model_config else model_config)
+    if cfg.n_features != X.shape[1]:
+        raise TrainingError(f"model expects {cfg.n_features} features but the data have {X.shape[1]}")
+    if cfg.y_regularisation == "supervised" and labels is None:
+        raise TrainingError("y_regularisation 'supervised' needs labels in the data (obs['label'])")
+    if len(train_idx) == 0:
+        raise TrainingError("the training split is empty")
+    tc = train_config
+    device = resolve_device(tc.device)
+    X = X.tocsr().astype(np.float32)
+    train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
+    label_t = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
+
+    with folder_lock(out), stop_signals() as received:
+        torch.manual_seed(tc.seed)
+        model = build_model(cfg).to(device)
+        optimiser = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        state = _resume_state(out, cfg, model, optimiser, device)
+        epoch, batch0 = state["epoch"], state["batch"]
+        history, best_val, best_epoch = state["history"], state["best_val_elbo"], state["best_epoch"]
+        partial = state["partial"]
+        if epoch or batch0:
+            log.info("resuming %s from epoch %d, minibatch %d", out, epoch, batch0)
+        n_batches = math.ceil(len(train_idx) / tc.batch_size)
+        log.info("training %s-%s on %s (%s): %d training cells, %d validation cells, %d epochs",
+                 cfg.model, cfg.likelihood, device, device_name(device), len(train_idx), len(val_idx), tc.epochs)
+        bar = tqdm(total=tc.epochs, initial=epoch, desc=f"{cfg.model}-{cfg.likelihood}", unit="epoch",
+                   disable=None)
+        started = time.perf_counter()
+        epochs_run = 0
+        while epoch < tc.epochs:
+            t0 = time.perf_counter()
+            pretraining = isinstance(model, GMVAE) and epoch < tc.pretrain_epochs
+            if isinstance(model, GMVAE) and tc.pretrain_epochs and epoch == tc.pretrain_epochs and batch0 == 0:
+                init_mixture_prior(model, X, train_idx, device, tc.seed)
+                log.info("initialised p(z|y) by k-means on the pre-trained latent")
+            weight = kl_weight(epoch, tc.kl_warmup)
+            perm = train_idx[epoch_permutation(len(train_idx), tc.seed, epoch)]
+            model.train()
+            for b in range(batch0, n_batches):
+                rows = perm[b * tc.batch_size:(b + 1) * tc.batch_size]
+                if len(rows) < 2 and cfg.batch_norm and n_batches > 1:
+                    continue  # batch norm cannot train on one cell
+                x = minibatch(X, rows, device)
+                y = label_t[rows].to(device) if label_t is not None else None
+                result = model(x, kl_weight=weight, labels=y, pretrain=pretraining) if isinstance(model, GMVAE) \
+                    else model(x, kl_weight=weight)
+                loss = result["loss"]
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"non-finite loss at epoch {epoch + 1}, minibatch {b + 1}: stopped; "
+                                        f"the last good checkpoint in {out} is intact")
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                for k in TERMS:
+                    partial[k] = partial.get(k, 0.0) + result[k].detach().double().sum().item()
+                partial["n"] = partial.get("n", 0) + len(rows)
+                if received:
+                    path = _save(out, model, optimiser, cfg, tc, epoch, b + 1, partial, history, best_val,
+                                 best_epoch, device)
+                    raise TrainingInterrupted(received[0], path)
+            batch0 = 0
+            train_terms = {k: partial.get(k, 0.0) / max(partial.get("n", 1), 1) for k in TERMS}
+            partial = {}
+            val = evaluate_terms(model, X, val_idx, device, iw_samples=tc.iw_samples) if len(val_idx) else {}
+            seconds = time.perf_counter() - t0
+            row = {"epoch": epoch + 1, "kl_weight": weight, **{f"train_{k}": v for k, v in train_terms.items()},
+                   **{f"val_{k}": v for k, v in val.items()}, "seconds": seconds}
+            history.append(row)
+            epoch += 1
+            epochs_run += 1
+            val_elbo = val.get("elbo", train_terms["elbo"])
+            if not math.isfinite(val_elbo):
+                raise TrainingError(f"non-finite validation ELBO at epoch {epoch}: stopped; "
+                                    f"the last good checkpoint in {out} is intact")
+            if val_elbo > best_val and not (isinstance(model, GMVAE) and epoch <= tc.pretrain_epochs):
+                best_val, best_epoch = val_elbo, epoch
+                atomic_torch_save({"format": CHECKPOINT_FORMAT, "model_config": cfg.to_dict(),
+                                   "model_state": model.state_dict(), "epoch": epoch, "val_elbo": val_elbo},
+                                  out / BEST)
+            atomic_write_text(_history_frame(history).to_csv(sep="\t", index=False), out / HISTORY)
+            log.info("epoch %d/%d  train ELBO %.4g  val ELBO %.4g  KL weight %.3g  %.2f s", epoch, tc.epochs,
+                     train_terms["elbo"], val_elbo, weight, seconds)
+            bar.update(1)
+            bar.set_postfix(val_elbo=f"{val_elbo:.4g}")
+            if epoch % tc.checkpoint_every == 0 or epoch == tc.epochs:
+                _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device)
+            if received:
+                path = _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device)
+                raise TrainingInterrupted(received[0], path)
+        bar.close()
+        if not (out / CHECKPOINT).exists():
+            _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device)
+        elapsed = time.perf_counter() - started
+        last = history[-1] if history else {}
+        metrics = {
+            **cfg.to_dict(), **{f"train_{k}": v for k, v in asdict(tc).items()},
+            "epochs_trained": epoch, "best_epoch": best_epoch, "best_val_elbo": best_val,
+            "final": {k: v for k, v in last.items()},
+            "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
+            "seconds_per_epoch": float(np.mean([h["seconds"] for h in history])) if history else None,
+            "seconds_this_run": elapsed, "epochs_this_run": epochs_run,
+            "n_train": int(len(train_idx)), "n_validation": int(len(val_idx)),
+        }
+        atomic_write_text(json.dumps(metrics, indent=2, default=float) + "\n", out / METRICS)
+        return metrics
+
+
+def _resume_state(out: Path, cfg: ModelConfig, model: VAE, optimiser: torch.optim.Optimizer,
+                  device: torch.device) -> dict:
+    """Restore model, optimiser and RNG from out/checkpoint.pt if there is one; else a fresh state."""
+    fresh = {"epoch": 0, "batch": 0, "partial": {}, "history": [], "best_val_elbo": -math.inf, "best_epoch": 0}
+    path = out / CHECKPOINT
+    if not path.exists():
+        return fresh
+    state = load_checkpoint(path, device)
+    if state.get("model_config") != cfg.to_dict():
+        raise TrainingError(f"{path} holds a different model ({state.get('model_config')}); "
+                            "use a new output folder or delete it")
+    model.load_state_dict(state["model_state"])
+    optimiser.load_state_dict(state["optimizer_state"])
+    _set_rng_state(state["rng"], device)
+    return {k: state[k] for k in fresh}
+
+
+def _save(out: Path, model: VAE, optimiser: torch.optim.Optimizer, cfg: ModelConfig, tc: TrainConfig,
+          epoch: int, batch: int, partial: dict, history: list[dict], best_val: float, best_epoch: int,
+          device: torch.device) -> Path:
+    """Write the resumable checkpoint atomically; returns its path."""
+    path = out / CHECKPOINT
+    atomic_torch_save({
+        "format": CHECKPOINT_FORMAT, "model_config": cfg.to_dict(), "train_config": asdict(tc),
+        "model_state": model.state_dict(), "optimizer_state": optimiser.state_dict(),
+        "epoch": epoch, "batch": batch, "partial": dict(partial), "history": list(history),
+        "best_val_elbo": best_val, "best_epoch": best_epoch, "rng": _rng_state(device),
+    }, path)
+    return path
+
+
+def train_dataset(data_path: str, out_dir: str, model_config: dict, train_config: TrainConfig,
+                  split_path: str | None = None) -> dict:
+    """Train (or resume) on a canonical h5ad; without a split file, a seeded default split is saved in out_dir."""
+    from . import data
+
+    counts = data.load_canonical(data_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "split.tsv"
+    if split_path is None and not saved.exists():
+        data.write_split(data.make_split(counts.cells, seed=train_config.seed), str(saved))
+    subsets = data.read_split(str(split_path or saved), counts.cells)
+    labels = None
+    if model_config.get("y_regularisation") == "supervised":
+        if counts.labels is None:
+            raise TrainingError(f"{data_path}: y_regularisation 'supervised' needs labels (obs['label'])")
+        labels = pd.Categorical(counts.labels).codes.astype(np.int64)
+    return fit(counts.X, subsets["train"], subsets["validation"], model_config, train_config, out, labels=labels)

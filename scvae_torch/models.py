@@ -1,0 +1,318 @@
+"""MLP blocks, the VAE and the Gaussian-mixture VAE (GMVAE); each forward pass returns its ELBO terms per cell."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import distributions as D
+
+MODELS: tuple[str, ...] = ("vae", "gmvae")
+DISPERSIONS: tuple[str, ...] = ("gene", "gene-cell")
+Y_REGULARISATIONS: tuple[str, ...] = ("kl", "none", "supervised")
+
+# Bounds on decoder log-parameters: exp(20) = 4.9e8 is far above any count, and keeps exp() finite in float32.
+LOG_MEAN_BOUNDS = (-30.0, 20.0)
+LOG_THETA_BOUNDS = (-15.0, 15.0)
+LOG_VAR_BOUNDS = (-15.0, 15.0)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and likelihood of one model; stored in every checkpoint."""
+
+    n_features: int
+    model: str = "vae"
+    likelihood: str = "poisson"
+    encoder: list[int] = field(default_factory=lambda: [100, 250])
+    decoder: list[int] = field(default_factory=lambda: [250, 100])
+    latent: int = 50
+    components: int = 10
+    dispersion: str = "gene"
+    dropout: float = 0.0
+    batch_norm: bool = True
+    log1p_input: bool = False
+    library_size: bool = False
+    y_regularisation: str = "kl"
+    free_nats: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.encoder = [int(s) for s in self.encoder]
+        self.decoder = [int(s) for s in self.decoder]
+        checks = [
+            (self.model in MODELS, f"unknown model {self.model!r} (choose from {', '.join(MODELS)})"),
+            (self.likelihood in D.LIKELIHOODS,
+             f"unknown likelihood {self.likelihood!r} (choose from {', '.join(D.LIKELIHOODS)})"),
+            (self.dispersion in DISPERSIONS,
+             f"unknown dispersion {self.dispersion!r} (choose from {', '.join(DISPERSIONS)})"),
+            (self.y_regularisation in Y_REGULARISATIONS,
+             f"unknown y_regularisation {self.y_regularisation!r} (choose from {', '.join(Y_REGULARISATIONS)})"),
+            (self.n_features >= 1, f"n_features must be >= 1, got {self.n_features}"),
+            (self.latent >= 1, f"latent size must be >= 1, got {self.latent}"),
+            (all(s >= 1 for s in self.encoder + self.decoder), "hidden layer sizes must be >= 1"),
+            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.free_nats >= 0.0, f"free_nats must be >= 0, got {self.free_nats}"),
+            (self.model != "gmvae" or self.components >= 1, f"components must be >= 1, got {self.components}"),
+            (self.model != "gmvae" or len(self.encoder) >= 1, "a GMVAE needs at least one encoder layer"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        """Build from a dict, refusing unknown keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model option(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        """Plain-Python form (safe for weights_only checkpoints and JSON)."""
+        return asdict(self)
+
+
+def gaussian_kl(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: Tensor) -> Tensor:
+    """KL(N(mu_q, var_q) || N(mu_p, var_p)) for diagonal Gaussians, summed over the last axis."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1.0).sum(-1)
+
+
+def gaussian_log_prob(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """log N(z | mu, diag exp(logvar)), summed over the last axis."""
+    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 / logvar.exp()).sum(-1)
+
+
+class MLP(nn.Module):
+    """Hidden layers Linear -> BatchNorm -> ReLU -> Dropout; `n_out` is the last width."""
+
+    def __init__(self, n_in: int, sizes: list[int], batch_norm: bool = True, dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for n in sizes:
+            layers.append(nn.Linear(n_in, n))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(n))
+            layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            n_in = n
+        self.net = nn.Sequential(*layers)
+        self.n_out = n_in
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """p(x|z): an MLP from z to the likelihood's parameters in log / logit space."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.likelihood = cfg.likelihood
+        self.library_size = cfg.library_size
+        self.mlp = MLP(cfg.latent, cfg.decoder, cfg.batch_norm, cfg.dropout)
+        names = D.PARAMETERS[cfg.likelihood]
+        self.per_gene_theta = "log_theta" in names and cfg.dispersion == "gene"
+        self.heads = nn.ModuleDict({
+            name: nn.Linear(self.mlp.n_out, cfg.n_features)
+            for name in names if not (name == "log_theta" and self.per_gene_theta)
+        })
+        if self.per_gene_theta:
+            self.log_theta = nn.Parameter(torch.zeros(cfg.n_features))
+
+    def forward(self, z: Tensor, log_library: Tensor | None = None) -> dict[str, Tensor]:
+        h = self.mlp(z)
+        params = {name: head(h) for name, head in self.heads.items()}
+        if self.library_size:
+            # mean = library size x softmax over genes (scVI-style scaling)
+            params["log_mean"] = torch.log_softmax(params["log_mean"], dim=-1) + log_library
+        params["log_mean"] = params["log_mean"].clamp(*LOG_MEAN_BOUNDS)
+        if self.per_gene_theta:
+            params["log_theta"] = self.log_theta.clamp(*LOG_THETA_BOUNDS)
+        elif "log_theta" in params:
+            params["log_theta"] = params["log_theta"].clamp(*LOG_THETA_BOUNDS)
+        return params
+
+
+def _log_library(x: Tensor) -> Tensor:
+    """log of each cell's total count (at least 1), shape (cells, 1)."""
+    return torch.log(x.sum(-1, keepdim=True).clamp_min(1.0))
+
+
+class VAE(nn.Module):
+    """q(z|x) = N(mu(x), diag sigma^2(x)), p(z) = N(0, I), p(x|z) from the decoder."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = MLP(cfg.n_features, cfg.encoder, cfg.batch_norm, cfg.dropout)
+        self.z_mu = nn.Linear(self.encoder.n_out, cfg.latent)
+        self.z_logvar = nn.Linear(self.encoder.n_out, cfg.latent)
+        self.decoder = Decoder(cfg)
+
+    def _input(self, x: Tensor) -> Tensor:
+        return torch.log1p(x) if self.cfg.log1p_input else x
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and log-variance of q(z|x)."""
+        h = self.encoder(self._input(x))
+        return self.z_mu(h), self.z_logvar(h).clamp(*LOG_VAR_BOUNDS)
+
+    def latent(self, x: Tensor) -> Tensor:
+        """Latent representation of each cell: the mean of q(z|x)."""
+        return self.encode(x)[0]
+
+    def decode(self, z: Tensor, x: Tensor) -> dict[str, Tensor]:
+        """Likelihood parameters for each row of z (x supplies the library size when that option is on)."""
+        return self.decoder(z, _log_library(x) if self.cfg.library_size else None)
+
+    def forward(self, x: Tensor, kl_weight: float = 1.0, labels: Tensor | None = None) -> dict[str, Tensor]:
+        """ELBO terms per cell, and the minibatch loss (negative ELBO per cell, KL weighted)."""
+        mu, logvar = self.encode(x)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        params = self.decode(z, x)
+        log_lik = D.log_prob(self.cfg.likelihood, x, params).sum(-1)
+        kl_z = gaussian_kl(mu, logvar, torch.zeros_like(mu), torch.zeros_like(logvar))
+        kl_y = torch.zeros_like(kl_z)
+        kl_z_loss = kl_z.clamp_min(self.cfg.free_nats) if self.cfg.free_nats > 0 else kl_z
+        loss = -(log_lik - kl_weight * kl_z_loss).mean()
+        return {"elbo": log_lik - kl_z, "log_lik": log_lik, "kl_z": kl_z, "kl_y": kl_y, "loss": loss,
+                "params": params}
+
+    def iw_log_likelihood(self, x: Tensor, samples: int) -> Tensor:
+        """Importance-weighted estimate of log p(x) per cell with `samples` draws from q(z|x)."""
+        mu, logvar = self.encode(x)
+        terms = []
+        for _ in range(samples):
+            z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+            log_px = D.log_prob(self.cfg.likelihood, x, self.decode(z, x)).sum(-1)
+            log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
+            terms.append(log_px + log_pz - gaussian_log_prob(z, mu, logvar))
+        return torch.logsumexp(torch.stack(terms), dim=0) - math.log(samples)
+
+
+class GMVAE(VAE):
+    """Gaussian-mixture VAE (scVAE): q(y|x) q(z|x,y), p(z|y) learned Gaussians, p(y) uniform.
+
+    The ELBO sums over all K values of y exactly, weighted by q(y|x) (no sampling of y):
+      ELBO = sum_y q(y|x) [E_q(z|x,y) log p(x|z) - KL(q(z|x,y) || p(z|y))] - KL(q(y|x) || p(y)).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        nn.Module.__init__(self)
+        self.cfg = cfg
+        K, L = cfg.components, cfg.latent
+        self.y_encoder = MLP(cfg.n_features, cfg.encoder, cfg.batch_norm, cfg.dropout)
+        self.y_logits = nn.Linear(self.y_encoder.n_out, K)
+        # q(z|x,y): an MLP on [x, onehot(y)]; its first linear layer is split so x is multiplied once.
+        self.z_first = nn.Linear(cfg.n_features + K, cfg.encoder[0])
+        rest: list[nn.Module] = []
+        if cfg.batch_norm:
+            rest.append(nn.BatchNorm1d(cfg.encoder[0]))
+        rest.append(nn.ReLU())
+        if cfg.dropout > 0:
+            rest.append(nn.Dropout(cfg.dropout))
+        self.z_first_rest = nn.Sequential(*rest)
+        self.encoder = MLP(cfg.encoder[0], cfg.encoder[1:], cfg.batch_norm, cfg.dropout)
+        self.z_mu = nn.Linear(self.encoder.n_out, L)
+        self.z_logvar = nn.Linear(self.encoder.n_out, L)
+        # p(z|y): on a one-hot input an MLP is a lookup table of per-component means and log-variances.
+        self.prior_mu = nn.Parameter(torch.randn(K, L))
+        self.prior_logvar = nn.Parameter(torch.zeros(K, L))
+        self.decoder = Decoder(cfg)
+
+    def y_log_probs(self, x: Tensor) -> Tensor:
+        """log q(y|x), shape (cells, K)."""
+        return torch.log_softmax(self.y_logits(self.y_encoder(self._input(x))), dim=-1)
+
+    def responsibilities(self, x: Tensor) -> Tensor:
+        """q(y|x), shape (cells, K)."""
+        return self.y_log_probs(x).exp()
+
+    def encode_z(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and log-variance of q(z|x,y) for every y, shape (cells, K, L)."""
+        n, K = x.shape[0], self.cfg.components
+        w = self.z_first.weight
+        h = F.linear(self._input(x), w[:, : self.cfg.n_features], self.z_first.bias)
+        h = (h[:, None, :] + w[:, self.cfg.n_features:].T[None, :, :]).reshape(n * K, -1)
+        h = self.encoder(self.z_first_rest(h))
+        mu = self.z_mu(h).reshape(n, K, -1)
+        logvar = self.z_logvar(h).reshape(n, K, -1).clamp(*LOG_VAR_BOUNDS)
+        return mu, logvar
+
+    def latent(self, x: Tensor) -> Tensor:
+        """Latent representation: E_q(y|x)[mean of q(z|x,y)]."""
+        mu, _ = self.encode_z(x)
+        return (self.responsibilities(x)[:, :, None] * mu).sum(1)
+
+    def _prior(self) -> tuple[Tensor, Tensor]:
+        return self.prior_mu, self.prior_logvar.clamp(*LOG_VAR_BOUNDS)
+
+    def _log_px_per_component(self, x: Tensor, z: Tensor) -> Tensor:
+        """log p(x|z_k) for z of shape (cells, K, L); returns (cells, K)."""
+        n, K, L = z.shape
+        x_rep = x.repeat_interleave(K, dim=0) if self.cfg.library_size else x
+        params = self.decode(z.reshape(n * K, L), x_rep)
+        params = {k: (v.reshape(n, K, -1) if v.dim() == 2 else v) for k, v in params.items()}
+        return D.log_prob(self.cfg.likelihood, x[:, None, :], params).sum(-1)
+
+    def forward(self, x: Tensor, kl_weight: float = 1.0, labels: Tensor | None = None,
+                pretrain: bool = False) -> dict[str, Tensor]:
+        """ELBO terms per cell, and the minibatch loss (negative ELBO per cell, KL weighted).
+
+        pretrain=True trains it as a plain VAE: q(y|x) held uniform and p(z|y) = N(0, I) for every y.
+        """
+        K = self.cfg.components
+        log_qy = self.y_log_probs(x)
+        if pretrain:
+            log_qy = torch.full_like(log_qy, -math.log(K))
+        qy = log_qy.exp()
+        mu, logvar = self.encode_z(x)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        log_px = self._log_px_per_component(x, z)                       # (cells, K)
+        p_mu, p_logvar = self._prior()
+        if pretrain:
+            p_mu, p_logvar = torch.zeros_like(p_mu), torch.zeros_like(p_logvar)
+        kl_zk = gaussian_kl(mu, logvar, p_mu[None], p_logvar[None])     # (cells, K)
+        log_lik = (qy * log_px).sum(-1)
+        kl_z = (qy * kl_zk).sum(-1)
+        kl_y = (qy * log_qy).sum(-1) + math.log(K)                      # KL(q(y|x) || uniform)
+        elbo = log_lik - kl_z - kl_y
+        reg = "none" if pretrain else self.cfg.y_regularisation
+        if reg == "kl":
+            y_term = kl_y.clamp_min(self.cfg.free_nats) if self.cfg.free_nats > 0 else kl_y
+            y_term = kl_weight * y_term
+        elif reg == "none":
+            y_term = torch.zeros_like(kl_y)
+        else:
+            if labels is None:
+                raise ValueError("y_regularisation='supervised' needs labels")
+            y_term = F.nll_loss(log_qy, labels, reduction="none")
+        loss = -(log_lik - kl_weight * kl_z - y_term).mean()
+        return {"elbo": elbo, "log_lik": log_lik, "kl_z": kl_z, "kl_y": kl_y, "loss": loss,
+                "params": None, "qy": qy}
+
+    def iw_log_likelihood(self, x: Tensor, samples: int) -> Tensor:
+        """Importance-weighted log p(x): y summed exactly, z drawn from q(z|x,y) `samples` times per y."""
+        log_qy = self.y_log_probs(x)
+        mu, logvar = self.encode_z(x)
+        p_mu, p_logvar = self._prior()
+        K = self.cfg.components
+        terms = []
+        for _ in range(samples):
+            z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+            log_w = (self._log_px_per_component(x, z) + gaussian_log_prob(z, p_mu[None], p_logvar[None])
+                     - math.log(K) - gaussian_log_prob(z, mu, logvar))
+            terms.append(log_w)  # p(x) = sum_y E_q(z|x,y)[p(x|z) p(z|y) p(y) / q(z|x,y)]: y enumerated, not sampled
+        return torch.logsumexp(torch.cat(terms, dim=-1), dim=-1) - math.log(samples)
+
+
+def build_model(config: ModelConfig | dict) -> VAE:
+    """A VAE or GMVAE for the given configuration."""
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
+    return GMVAE(cfg) if cfg.model == "gmvae" else VAE(cfg)
