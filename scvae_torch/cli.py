@@ -30,14 +30,161 @@ def _int_list(text: str) -> list[int]:
 
 # --- prepare (owned by the data task) -------------------------------------------------------------
 
+_FORMATS = ("auto", "10x-h5", "h5ad", "mtx")   # scvae_torch.data.FORMATS (kept here so --help stays fast)
+_SPLIT_FRACTIONS = "0.81,0.09,0.10"            # scvae_torch.data.DEFAULT_FRACTIONS
+
+
+def _non_negative_int(text: str) -> int:
+    """Parse a count threshold >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    """Parse 'train,validation,test' fractions that sum to 1."""
+    try:
+        values = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 0 or values[0] <= 0 or abs(sum(values) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(f"expected three fractions train,validation,test >= 0 summing to 1 "
+                                         f"(train > 0), got {text!r}")
+    return values
+
+
+class _StderrLog:
+    """Show the library's log lines (INFO and up) on stderr while a command runs."""
+
+    def __init__(self, command: str):
+        import logging
+
+        self.logger = logging.getLogger("scvae_torch")
+        self.handler = logging.StreamHandler(sys.stderr)
+        self.handler.setFormatter(logging.Formatter(f"scvae-torch {command}: %(message)s"))
+        self.level = self.logger.level
+
+    def __enter__(self):
+        import logging
+
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
+        return False
+
+
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="read a count matrix (10x HDF5, h5ad, Matrix Market) into the canonical h5ad",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Read raw counts, validate them, and write the canonical AnnData file "
+                                   "(X = CSR float32 counts, obs['label'] when labels exist), optionally with a "
+                                   "summary JSON and a seeded train/validation/test split. Nothing is written "
+                                   "when the input is bad.")
+    p.add_argument("input", metavar="INPUT",
+                   help="10x Cell Ranger .h5 (v2 or v3), AnnData .h5ad, 10x MEX folder (matrix.mtx[.gz], "
+                        "features.tsv[.gz]/genes.tsv[.gz], barcodes.tsv[.gz]) or NAME.counts.mtx[.gz] with "
+                        "NAME.genes.tsv[.gz] and NAME.cells.tsv[.gz] next to it")
+    p.add_argument("--format", choices=_FORMATS, default="auto",
+                   help="input format; auto: a folder or .mtx[.gz] is mtx, .h5ad (or HDF5 with obs/var) is h5ad, "
+                        "other HDF5 is 10x-h5")
+    p.add_argument("--genome", default=None,
+                   help="10x-h5: genome to read (v2: the genome group, required when there are several; "
+                        "v3: keep features of this genome)")
+    p.add_argument("--layer", default=None, help="h5ad: read counts from this layer instead of X")
+    p.add_argument("--use-raw", action="store_true", help="h5ad: read counts from raw.X (with raw.var names)")
+    p.add_argument("--labels", metavar="COLUMN", default=None,
+                   help="cell labels: an obs column (h5ad) or a column of NAME.cells.tsv (mtx), e.g. cell_type; "
+                        "stored as obs['label']")
+    p.add_argument("--round", dest="round_counts", action="store_true",
+                   help="round non-integer values to the nearest integer (logged as a warning) instead of failing")
+    p.add_argument("--min-counts-cell", type=_non_negative_int, default=0, metavar="N",
+                   help="drop cells with fewer than N counts in total (0 keeps all)")
+    p.add_argument("--min-counts-gene", type=_non_negative_int, default=0, metavar="N",
+                   help="then drop genes with fewer than N counts in total over the kept cells (0 keeps all)")
+    p.add_argument("--out", required=True, metavar="COUNTS.h5ad", help="canonical AnnData file to write")
+    p.add_argument("--summary", default=None, metavar="SUMMARY.json",
+                   help="also write cells, genes, non-zeros, sparsity %%, labels and cells per label as JSON")
+    p.add_argument("--split", default=None, metavar="SPLIT.tsv",
+                   help="also write a seeded train/validation/test split (columns cell, subset)")
+    p.add_argument("--split-seed", type=int, default=0, metavar="S", help="seed of the split")
+    p.add_argument("--split-fractions", type=_fractions, default=_SPLIT_FRACTIONS, metavar="TRAIN,VAL,TEST",
+                   help="fractions of cells in train, validation and test")
+    p.add_argument("--stratify", action="store_true",
+                   help="split each label separately, so every subset keeps the label proportions (needs --labels)")
     p.set_defaults(func=_cmd_prepare)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
-    raise UsageError("prepare: not implemented yet")
+    from .data import make_split, read_counts, summarize, write_canonical, write_split, write_summary
+
+    if args.stratify and args.labels is None:
+        raise UsageError("--stratify needs --labels")
+    if args.stratify and args.split is None:
+        raise UsageError("--stratify only applies with --split")
+    with _StderrLog("prepare"):
+        counts = read_counts(args.input, args.format, genome=args.genome, layer=args.layer, use_raw=args.use_raw,
+                             labels=args.labels, round_counts=args.round_counts,
+                             min_counts_cell=args.min_counts_cell, min_counts_gene=args.min_counts_gene)
+        summary = summarize(counts)
+        split = (make_split(counts.cells, counts.labels, args.split_fractions, seed=args.split_seed, stratify=args.stratify)
+                 if args.split else None)
+        # everything is computed before the first write, so bad input leaves no output behind
+        write_canonical(counts, args.out)
+        if args.summary:
+            write_summary(summary, args.summary)
+        if split is not None:
+            write_split(split, args.split)
+    labels = f", {summary['labels']} labels" if summary["labels"] else ""
+    print(f"scvae-torch prepare: wrote {args.out}: {summary['cells']} cells x {summary['genes']} genes, "
+          f"{summary['sparsity_percent']:.2f}% zeros{labels}", file=sys.stderr)
+
+
+# --- download (owned by the data task) ------------------------------------------------------------
+
+def _add_download(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("download", help="fetch a registered data set or an http(s) URL, with checksum and retries",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Download to OUT.part, verify the checksum (given, registered, or recorded in "
+                                   "OUT.sha256 by an earlier download), then rename to OUT. Without any known "
+                                   "checksum the sha256 is recorded in OUT.sha256 for later runs.")
+    p.add_argument("source", nargs="?", metavar="NAME|URL", help="a registered data set name (see --list) or a URL")
+    p.add_argument("--out", metavar="FILE", help="where to write the file")
+    p.add_argument("--sha256", default=None, help="expected sha256 (hex)")
+    p.add_argument("--md5", default=None, help="expected md5 (hex)")
+    p.add_argument("--retries", type=_non_negative_int, default=3, help="retries after a server error or dropped connection")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server on each read")
+    p.add_argument("--list", action="store_true", help="list the registered data sets and exit")
+    p.set_defaults(func=_cmd_download)
+
+
+def _cmd_download(args: argparse.Namespace) -> None:
+    from .data import DataError
+    from .download import REGISTRY, DownloadError, fetch, fetch_dataset
+
+    if args.list:
+        for name, entry in sorted(REGISTRY.items()):
+            print(f"{name}\t{entry.format}\t{entry.url}\t{entry.description}")
+        return
+    if not args.source or not args.out:
+        raise UsageError("give NAME|URL and --out FILE (or --list)")
+    options = dict(sha256=args.sha256, md5=args.md5, retries=args.retries, timeout=args.timeout)
+    with _StderrLog("download"):
+        try:
+            if "://" in args.source:
+                digest = fetch(args.source, args.out, **options)
+            else:
+                digest = fetch_dataset(args.source, args.out, **options)
+        except DownloadError as err:
+            raise DataError(str(err)) from None
+    print(f"scvae-torch download: {args.out} sha256 {digest}", file=sys.stderr)
 
 
 # --- simulate (owned by the simulate task) --------------------------------------------------------
@@ -165,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every subcommand."""
     parser = OneLineParser(prog="scvae-torch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    for add in (_add_prepare, _add_simulate, _add_train, _add_evaluate):
+    for add in (_add_prepare, _add_download, _add_simulate, _add_train, _add_evaluate):
         add(sub)
     return parser
 
