@@ -188,12 +188,21 @@ class VAE(nn.Module):
         """Importance-weighted estimate of log p(x) per cell with `samples` draws from q(z|x)."""
         mu, logvar = self.encode(x)
         terms = []
-        for _ in range(samples):
-            z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-            log_px = D.log_prob(self.cfg.likelihood, x, self.decode(z, x)).sum(-1)
+        for s in _sample_chunks(samples, x.shape[0] * x.shape[1]):
+            z = mu + torch.randn((s, *mu.shape), dtype=mu.dtype, device=mu.device) * (0.5 * logvar).exp()
+            xs = x.expand(s, *x.shape)
+            params = self.decode(z.reshape(-1, mu.shape[-1]), xs.reshape(-1, x.shape[-1]))
+            params = {k: v.reshape(s, x.shape[0], -1) if v.dim() == 2 else v for k, v in params.items()}
+            log_px = D.log_prob(self.cfg.likelihood, xs, params).sum(-1)
             log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
             terms.append(log_px + log_pz - gaussian_log_prob(z, mu, logvar))
-        return torch.logsumexp(torch.stack(terms), dim=0) - math.log(samples)
+        return torch.logsumexp(torch.cat(terms), dim=0) - math.log(samples)
+
+
+def _sample_chunks(samples: int, elements_per_sample: int, budget: int = 2 ** 24) -> list[int]:
+    """Split `samples` Monte-Carlo draws into chunks of at most ~budget decoded elements each."""
+    step = max(1, budget // max(elements_per_sample, 1))
+    return [min(step, samples - start) for start in range(0, samples, step)]
 
 
 class GMVAE(VAE):
@@ -299,16 +308,16 @@ class GMVAE(VAE):
 
     def iw_log_likelihood(self, x: Tensor, samples: int) -> Tensor:
         """Importance-weighted log p(x): y summed exactly, z drawn from q(z|x,y) `samples` times per y."""
-        log_qy = self.y_log_probs(x)
         mu, logvar = self.encode_z(x)
         p_mu, p_logvar = self._prior()
         K = self.cfg.components
         terms = []
-        for _ in range(samples):
-            z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-            log_w = (self._log_px_per_component(x, z) + gaussian_log_prob(z, p_mu[None], p_logvar[None])
-                     - math.log(K) - gaussian_log_prob(z, mu, logvar))
-            terms.append(log_w)  # p(x) = sum_y E_q(z|x,y)[p(x|z) p(z|y) p(y) / q(z|x,y)]: y enumerated, not sampled
+        for s in _sample_chunks(samples, K * x.shape[0] * x.shape[1]):
+            for _ in range(s):
+                z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+                # p(x) = sum_y E_q(z|x,y)[p(x|z) p(z|y) p(y) / q(z|x,y)]: y enumerated, not sampled
+                terms.append(self._log_px_per_component(x, z) + gaussian_log_prob(z, p_mu[None], p_logvar[None])
+                             - math.log(K) - gaussian_log_prob(z, mu, logvar))
         return torch.logsumexp(torch.cat(terms, dim=-1), dim=-1) - math.log(samples)
 
 

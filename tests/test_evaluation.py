@@ -1,0 +1,86 @@
+"""Evaluation: importance-weighted log p(x) against a quadrature of the exact marginal; clustering scores."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from scvae_torch import distributions as D
+from scvae_torch.evaluation import cluster_scores, kmeans_labels
+from scvae_torch.models import ModelConfig, build_model, gaussian_log_prob
+
+
+def _quadrature_log_px(model, x, grid):
+    """log p(x) = log sum_y p(y) int p(x|z) p(z|y) dz by the trapezoid rule on a 1-D latent grid."""
+    z = grid[:, None]
+    dz = float(grid[1] - grid[0])
+    out = []
+    for i in range(x.shape[0]):
+        xi = x[i].expand(len(grid), -1)
+        log_px_z = D.log_prob(model.cfg.likelihood, xi, model.decode(z, xi)).sum(-1)
+        if model.cfg.model == "vae":
+            log_prior = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))[None]
+        else:
+            mu, lv = model.prior_mu, model.prior_logvar
+            log_prior = torch.stack([gaussian_log_prob(z, mu[k].expand_as(z), lv[k].expand_as(z))
+                                     for k in range(model.cfg.components)]) - math.log(model.cfg.components)
+        out.append(torch.logsumexp(torch.logsumexp(log_prior + log_px_z[None], 0) + math.log(dz), 0))
+    return torch.stack(out)
+
+
+def _trained(model_name, tmp_path):
+    """A small model trained briefly, so that q is a reasonable proposal (as after real training)."""
+    import scipy.sparse as sp
+
+    from scvae_torch.training import TrainConfig, fit, load_model
+
+    rng = np.random.default_rng(0)
+    rates = rng.uniform(0.5, 8, size=(3, 8))
+    X = sp.csr_matrix(rng.poisson(rates[rng.integers(0, 3, 600)]).astype(np.float32))
+    cfg = dict(model=model_name, likelihood="nb", encoder=[16], decoder=[16], latent=1, components=3)
+    fit(X, np.arange(500), np.arange(500, 600), cfg,
+        TrainConfig(epochs=30, batch_size=50, lr=1e-2, seed=0), tmp_path)
+    return load_model(tmp_path).double(), torch.from_numpy(X[:6].toarray()).double()
+
+
+@pytest.mark.parametrize("model_name", ["vae", "gmvae"])
+def test_importance_weighted_estimate_rises_towards_exact_log_likelihood(model_name, tmp_path):
+    model, x = _trained(model_name, tmp_path)
+    torch.manual_seed(2)
+    torch.set_grad_enabled(False)
+    truth = _quadrature_log_px(model, x, torch.linspace(-15, 15, 6001, dtype=torch.float64))
+    n = x.shape[0]
+    reps = lambda r: x.repeat(r, 1)  # noqa: E731  (independent Monte-Carlo repetitions in one batch)
+    elbos = model(reps(4000))["elbo"].reshape(4000, n)
+    elbo, elbo_se = elbos.mean(0), elbos.std(0) / math.sqrt(4000)
+    one = model.iw_log_likelihood(reps(4000), 1).reshape(4000, n)
+    hundred = model.iw_log_likelihood(reps(50), 100).reshape(50, n)
+    many = model.iw_log_likelihood(x, 5000)
+    assert (elbo <= truth + 4 * elbo_se).all()
+    if model_name == "vae":  # K=1 is the ELBO in expectation
+        se = one.std(0) / math.sqrt(one.shape[0]) + elbo_se
+        assert ((one.mean(0) - elbo).abs() < 5 * se).all()
+    se = one.std(0) / math.sqrt(one.shape[0]) + hundred.std(0) / math.sqrt(hundred.shape[0])
+    assert (hundred.mean(0) >= one.mean(0) - 4 * se).all()       # the bound rises with K ...
+    assert (many >= hundred.mean(0) - 4 * hundred.std(0)).all()
+    gap = (truth - many).abs()
+    assert gap.max() < 0.05                                       # ... towards the exact log p(x)
+    assert (gap <= (truth - elbo).abs() + 4 * elbo_se).all()
+    torch.set_grad_enabled(True)
+
+
+def test_cluster_scores_know_perfect_and_permuted_and_random():
+    true = np.repeat(np.arange(4), 50)
+    assert cluster_scores(true, (true + 1) % 4) == {"ari": 1.0, "ami": 1.0}
+    rng = np.random.default_rng(0)
+    random = cluster_scores(true, rng.integers(0, 4, size=200))
+    assert abs(random["ari"]) < 0.05 and abs(random["ami"]) < 0.05
+
+
+def test_kmeans_recovers_separated_blobs():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0], [10, 0], [0, 10]])
+    labels = np.repeat(np.arange(3), 100)
+    Z = centres[labels] + rng.normal(size=(300, 2))
+    assert cluster_scores(labels, kmeans_labels(Z, 3, seed=0))["ari"] == 1.0
