@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import anndata
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -196,6 +197,16 @@ def bad_truncated_hdf5(tmp):
     path = tmp / "cut.h5"
     path.write_bytes(V3.read_bytes()[: V3.stat().st_size // 2])
     return [path], "not a readable HDF5 file"
+
+
+def bad_damaged_chunk(tmp):
+    path = tmp / "damaged.h5"
+    with h5py.File(V3) as f:  # garble the compressed bytes of the first 'data' chunk: the file still opens
+        chunk = f["matrix/data"].id.get_chunk_info(0)
+    raw = bytearray(V3.read_bytes())
+    raw[chunk.byte_offset + 10: chunk.byte_offset + 400] = bytes(390)
+    path.write_bytes(bytes(raw))
+    return [path], "damaged HDF5 file"
 
 
 def bad_not_hdf5(tmp):
