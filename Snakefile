@@ -1,0 +1,33 @@
+# scvae-torch: data -> grid search -> final training -> evaluation -> clustering -> tables and figures.
+# Run: snakemake --cores N [--configfile config/paper.yaml]. Rules live in rules/; see config/README.md.
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# config/config.yaml is the default; a --configfile replaces it (Snakemake would otherwise merge the two).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+validate(config, schema="config/schema.yaml")
+
+
+report: "report/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/gridsearch.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
+include: "rules/clustering.smk"
+include: "rules/figures.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

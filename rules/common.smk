@@ -1,0 +1,352 @@
+# Helpers shared by the rules: config checks the schema cannot express, run lists, architecture ids,
+# the grid winner (read from the table2 checkpoint) and the final target list. No model logic here.
+
+import json
+import os
+
+from snakemake.exceptions import WorkflowError
+
+MODELS = ["vae", "gmvae"]
+LIKELIHOODS = ["poisson", "nb", "zip", "zinb"]
+SIMULATE_KEYS = {
+    "poisson-check": {"kind", "n_cells", "n_features", "seed"},
+    "gmvae-mixture": {"kind", "n_cells", "n_features", "n_clusters", "seed"},
+    "single-cell": {"kind", "n_cells", "n_genes", "n_types", "sparsity", "seed"},
+}
+SOURCES = ("simulate", "download", "file")
+ENV = "../envs/scvae-torch.yaml"
+
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9_-]+",
+    model="|".join(MODELS),
+    likelihood="|".join(LIKELIHOODS),
+    arch=r"e\d+(?:-\d+)*_d\d+(?:-\d+)*_l\d+",
+    reg="none|kl|supervised",
+    group="models|ablation",
+    run=r"(?:vae|gmvae)-(?:poisson|nb|zip|zinb)(?:-y(?:none|kl|supervised))?",
+
+
+def config_error(message):
+    """Stop before any job runs with one line naming the config key at fault."""
+    raise WorkflowError(f"config: {message}")
+
+
+# ---- data sets -------------------------------------------------------------------------------------
+
+
+def source_of(dataset):
+    """Which of simulate / download / file a data set comes from."""
+    return next(s for s in SOURCES if s in config["datasets"][dataset])
+
+
+def check_datasets():
+    """Exactly one source per data set; only the simulation keys its kind understands."""
+    for name, spec in config["datasets"].items():
+        given = [s for s in SOURCES if s in spec]
+        if len(given) != 1:
+            config_error(
+                f"datasets.{name}: give exactly one of {', '.join(SOURCES)} (got {given or 'none'})"
+            )
+        if "simulate" in spec:
+            kind = spec["simulate"]["kind"]
+            wrong = set(spec["simulate"]) - SIMULATE_KEYS[kind]
+            if wrong:
+                config_error(
+                    f"datasets.{name}.simulate: {', '.join(sorted(wrong))} not used by kind {kind}"
+                )
+        if "download" in spec and not ({"name", "url"} & set(spec["download"])):
+            config_error(f"datasets.{name}.download: give a registry name or a url")
+
+
+def labelled(dataset):
+    """Whether the data set carries labels (simulated mixtures and cell types, or a file's labels column)."""
+    spec = config["datasets"][dataset]
+    if "simulate" in spec:
+        return spec["simulate"]["kind"] != "poisson-check"
+    return "labels" in spec.get("file", {})
+
+
+def components(dataset):
+    """GMVAE components for a data set: its own setting, the simulated number of groups, else model.components."""
+    spec = config["datasets"][dataset]
+    if "components" in spec:
+        return spec["components"]
+    sim = spec.get("simulate", {})
+    defaults = {"gmvae-mixture": ("n_clusters", 5), "single-cell": ("n_types", 6)}
+    if sim.get("kind") in defaults:
+        key, default = defaults[sim["kind"]]
+        return sim.get(key, default)
+    return config["model"]["components"]
+
+
+def datasets_from(source):
+    """Names of the data sets with the given source, as a wildcard pattern (never empty)."""
+    names = [d for d in config["datasets"] if source in config["datasets"][d]]
+    return "|".join(names) if names else "(?!)"
+
+
+def raw_input(wildcards):
+    """The file prepare_data reads: the downloaded file, or the user's path."""
+    spec = config["datasets"][wildcards.dataset]
+    if "download" in spec:
+        return f"resources/downloads/{wildcards.dataset}/raw"
+    return spec["file"]["path"]
+
+
+def counts(dataset):
+    return f"results/data/{dataset}/counts.h5ad"
+
+
+def split(dataset):
+    return f"results/data/{dataset}/split.tsv"
+
+
+# ---- architectures and runs ------------------------------------------------------------------------
+
+
+def arch_id(encoder, decoder, latent):
+    """e100-250_d250-100_l50 for encoder [100, 250], decoder [250, 100], latent 50."""
+    join = lambda layers: "-".join(str(n) for n in layers)
+    return f"e{join(encoder)}_d{join(decoder)}_l{latent}"
+
+
+def parse_arch(arch):
+    """Inverse of arch_id."""
+    enc, dec, lat = arch.split("_")
+    layers = lambda text: [int(n) for n in text[1:].split("-")]
+    return {"encoder": layers(enc), "decoder": layers(dec), "latent": int(lat[1:])}
+
+
+def grid_archs():
+    """Architecture ids of the grid: encoders x (decoders, or each encoder mirrored) x latents."""
+    grid = config["gridsearch"]
+    archs = []
+    for enc in grid["encoders"]:
+        decoders = grid["decoders"] if grid["decoders"] is not None else [enc[::-1]]
+        for dec in decoders:
+            for lat in grid["latents"]:
+                archs.append(arch_id(enc, dec, lat))
+    return list(dict.fromkeys(archs))
+
+
+def grid_runs():
+    """(dataset, model, likelihood) trained in full with the grid winner."""
+    g = config["gridsearch"]
+    return [(d, m, l) for d in g["datasets"] for m in g["models"] for l in g["likelihoods"]]
+
+
+def fixed_runs():
+    """(dataset, model, likelihood) -> architecture and optimiser overrides, for runs outside the grid."""
+    fig2 = config["figures"].get("figure2")
+    runs = {}
+    if fig2 and (fig2["dataset"], "vae", "poisson") not in grid_runs():
+        runs[(fig2["dataset"], "vae", "poisson")] = {
+            "arch": arch_id(fig2["encoder"], fig2["decoder"], fig2["latent"]),
+            "training": {"epochs": fig2["epochs"], "lr": fig2["lr"]},
+        }
+    return runs
+
+
+def final_runs():
+    return grid_runs() + list(fixed_runs())
+
+
+def ablation_runs():
+    """(dataset, likelihood, y_regularisation) of the Figure 5 GMVAE ablation."""
+    fig5 = config["figures"].get("figure5")
+    if not fig5:
+        return []
+    return [(fig5["dataset"], fig5["likelihood"], reg) for reg in fig5["regularisations"]]
+
+
+def run_datasets():
+    """Data sets with at least one trained model (final or ablation), in config order."""
+    used = {d for d, _, _ in final_runs()} | {d for d, _, _ in ablation_runs()}
+    return [d for d in config["datasets"] if d in used]
+
+
+def latent_datasets():
+    """Data sets drawn in a latent-space figure: the grid's and every labelled one with trained models."""
+    grid = config["gridsearch"]["datasets"]
+    return [d for d in run_datasets() if d in grid or labelled(d)]
+
+
+def check_references():
+    """Every data set named by an analysis exists; figures point at runs that will exist."""
+    named = [("gridsearch.datasets", d) for d in config["gridsearch"]["datasets"]]
+    named += [
+        (f"figures.{fig}.dataset", spec["dataset"])
+        for fig, spec in config["figures"].items()
+        if spec
+    ]
+    for key, dataset in named:
+        if dataset not in config["datasets"]:
+            config_error(f"{key}: no data set named {dataset!r} under datasets")
+    fig3 = config["figures"].get("figure3")
+    if fig3 and (fig3["dataset"], "vae", "poisson") not in final_runs():
+        config_error(
+            "figures.figure3.dataset: needs a VAE-Poisson run on it "
+            "(add it to gridsearch.datasets with vae and poisson)"
+        )
+    fig5 = config["figures"].get("figure5")
+    if fig5 and not labelled(fig5["dataset"]):
+        config_error(f"figures.figure5.dataset: {fig5['dataset']!r} has no labels")
+    if abs(sum(config["split"]["fractions"]) - 1) > 1e-6:
+        config_error("split.fractions: must sum to 1")
+
+
+check_datasets()
+check_references()
+
+
+# ---- per-run settings (passed to workflow_scripts/train.py as params) ------------------------------
+
+
+def model_config(dataset, model, likelihood, arch, **overrides):
+    """The library's model_config for one run: shared model options + architecture + data set's K."""
+    cfg = dict(config["model"])
+    cfg.update(parse_arch(arch))
+    cfg.update(model=model, likelihood=likelihood, components=components(dataset), **overrides)
+    return cfg
+
+
+def train_config(**overrides):
+    """The library's TrainConfig fields for one run."""
+    cfg = {k: v for k, v in config["training"].items() if k != "resources"}
+    cfg.update(overrides)
+    return cfg
+
+
+def winner(wildcards):
+    """Best grid architecture of (dataset, model, likelihood), read from Table 2 (a checkpoint)."""
+    import csv
+
+    table = checkpoints.table2.get().output.tsv
+    with open(table, newline="") as fh:
+        for row in csv.DictReader(fh, delimiter="\t"):
+            if (row["dataset"], row["model"], row["likelihood"]) == (
+                wildcards.dataset,
+                wildcards.model,
+                wildcards.likelihood,
+            ):
+                return row["architecture"]
+    raise WorkflowError(f"{table}: no row for {wildcards.dataset} {wildcards.model}-{wildcards.likelihood}")
+
+
+def final_arch(wildcards):
+    key = (wildcards.dataset, wildcards.model, wildcards.likelihood)
+    fixed = fixed_runs()
+    return fixed[key]["arch"] if key in fixed else winner(wildcards)
+
+
+def final_inputs(wildcards):
+    """Data, split and, for grid runs, the winning grid run (so a new winner re-trains, nothing else does)."""
+    inputs = {"data": counts(wildcards.dataset), "split": split(wildcards.dataset)}
+    if (wildcards.dataset, wildcards.model, wildcards.likelihood) not in fixed_runs():
+        inputs["winner"] = (
+            f"results/grid/{wildcards.dataset}/{wildcards.model}-{wildcards.likelihood}/"
+            f"{winner(wildcards)}/metrics.json"
+        )
+    return inputs
+
+
+def final_params(wildcards):
+    """model_config and TrainConfig fields of a final run."""
+    key = (wildcards.dataset, wildcards.model, wildcards.likelihood)
+    overrides = fixed_runs().get(key, {}).get("training", {})
+    return {
+        "model": model_config(*key, final_arch(wildcards)),
+        "training": train_config(**overrides),
+    }
+
+
+def resource(section, name):
+    return config[section]["resources"][name]
+
+
+# ---- targets ---------------------------------------------------------------------------------------
+
+
+def model_dir(group, dataset, run):
+    return f"results/{group}/{dataset}/{run}"
+
+
+def run_dirs(dataset):
+    """{label: model folder} of every trained run on a data set (final runs, then the ablation)."""
+    dirs = {
+        f"{m}-{l}": model_dir("models", d, f"{m}-{l}") for d, m, l in final_runs() if d == dataset
+    }
+    dirs.update(
+        {
+            f"gmvae-{l}-y{r}": model_dir("ablation", d, f"gmvae-{l}-y{r}")
+            for d, l, r in ablation_runs()
+            if d == dataset
+        }
+    )
+    return dirs
+
+
+def figure(name):
+    return [f"results/figures/{name}.png", f"results/figures/{name}.pdf"]
+
+
+def all_targets():
+    """Every table and figure the config asks for (intermediate files follow from them)."""
+    targets = [
+        f"results/tables/{t}.{ext}"
+        for t in ("table1_datasets", "clustering_ari")
+        for ext in ("tsv", "md")
+    ]
+    if grid_runs():
+        targets += [
+            f"results/tables/{t}.{ext}"
+            for t in ("table2_gridsearch", "table3_test_elbo")
+            for ext in ("tsv", "md")
+        ]
+        for dataset in config["gridsearch"]["datasets"]:
+            targets += figure(f"learning_curves_{dataset}")
+    for dataset in latent_datasets():
+        targets += figure(f"latent_space_{dataset}")
+    names = {
+        "figure2": "figure2_vae_synthetic_poisson",
+        "figure3": "figure3_poisson_stability",
+        "figure5": "figure5_gmvae_ablation",
+    }
+    targets += [f for key, name in names.items() if config["figures"].get(key) for f in figure(name)]
+    return targets
+
+
+def ablation_params(wildcards):
+    """model_config and TrainConfig fields of one Figure 5 ablation run."""
+    fig5 = config["figures"]["figure5"]
+    arch = arch_id(fig5["encoder"], fig5["decoder"], fig5["latent"])
+    model = model_config(
+        wildcards.dataset, "gmvae", wildcards.likelihood, arch, y_regularisation=wildcards.reg
+    )
+    return {"model": model, "training": train_config(epochs=fig5["epochs"], lr=fig5["lr"])}
+
+
+def figure_run(figure, run):
+    """Model folder of a run a figure is drawn from."""
+    return model_dir("models", config["figures"][figure]["dataset"], run)
+
+
+def figure2_inputs(wildcards):
+    run = figure_run("figure2", "vae-poisson")
+    return {
+        "model": f"{run}/metrics.json",
+        "feature_means": f"{run}/feature_means.tsv",
+        "truth": f"results/data/{config['figures']['figure2']['dataset']}/truth.json",
+    }
+
+
+def figure5_inputs(wildcards):
+    """Ablation latents (for q(y|x)) and the data set's clustering scores (for ARI)."""
+    dataset = config["figures"]["figure5"]["dataset"]
+    return {
+        "latents": [
+            f"{model_dir('ablation', d, f'gmvae-{l}-y{r}')}/latent.h5ad" for d, l, r in ablation_runs()
+        ],
+        "scores": f"results/clustering/{dataset}/scores.tsv",
+    }
