@@ -298,6 +298,8 @@ class GMVAE(VAE):
             y_term = kl_weight * y_term
         elif reg == "none":
             y_term = torch.zeros_like(kl_y)
+        elif labels is None and not self.training:
+            y_term = torch.zeros_like(kl_y)  # evaluation without labels: the ELBO terms need none
         else:
             if labels is None:
                 raise ValueError("y_regularisation='supervised' needs labels")
