@@ -1,7 +1,7 @@
 # scvae-torch: data -> grid search -> final training -> evaluation -> clustering -> tables and figures.
 # Run: snakemake --cores N [--configfile config/paper.yaml]. Rules live in rules/; see config/README.md.
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -10,9 +10,6 @@ min_version("9.0")
 if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
-
-
-validate(config, schema="config/schema.yaml")
 
 
 report: "report/workflow.rst"

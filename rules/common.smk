@@ -1,10 +1,9 @@
 # Helpers shared by the rules: config checks the schema cannot express, run lists, architecture ids,
 # the grid winner (read from the table2 checkpoint) and the final target list. No model logic here.
 
-import json
-import os
-
+import jsonschema
 from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
 
 MODELS = ["vae", "gmvae"]
 LIKELIHOODS = ["poisson", "nb", "zip", "zinb"]
@@ -30,6 +29,21 @@ wildcard_constraints:
 def config_error(message):
     """Stop before any job runs with one line naming the config key at fault."""
     raise WorkflowError(f"config: {message}")
+
+
+def validate_config():
+    """Validate against config/schema.yaml (filling in its defaults); one line naming the key at fault."""
+    try:
+        validate(config, schema="../config/schema.yaml")
+    except WorkflowError as err:
+        cause = err.__context__  # Snakemake raised its error while handling jsonschema's
+        if not isinstance(cause, jsonschema.ValidationError):
+            raise
+        key = ".".join(str(p) for p in cause.absolute_path) or "(top level)"
+        config_error(f"{key}: {cause.message}")
+
+
+validate_config()
 
 
 # ---- data sets -------------------------------------------------------------------------------------
