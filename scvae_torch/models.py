@@ -3,78 +3,17 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributions as D
-
-MODELS: tuple[str, ...] = ("vae", "gmvae")
-DISPERSIONS: tuple[str, ...] = ("gene", "gene-cell")
-Y_REGULARISATIONS: tuple[str, ...] = ("kl", "none", "supervised")
+from .config import ModelConfig
 
 # Bounds on decoder log-parameters: exp(20) = 4.9e8 is far above any count, and keeps exp() finite in float32.
 LOG_MEAN_BOUNDS = (-30.0, 20.0)
 LOG_THETA_BOUNDS = (-15.0, 15.0)
 LOG_VAR_BOUNDS = (-15.0, 15.0)
-
-
-@dataclass
-class ModelConfig:
-    """Architecture and likelihood of one model; stored in every checkpoint."""
-
-    n_features: int
-    model: str = "vae"
-    likelihood: str = "poisson"
-    encoder: list[int] = field(default_factory=lambda: [100, 250])
-    decoder: list[int] = field(default_factory=lambda: [250, 100])
-    latent: int = 50
-    components: int = 10
-    dispersion: str = "gene"
-    dropout: float = 0.0
-    batch_norm: bool = True
-    log1p_input: bool = False
-    library_size: bool = False
-    y_regularisation: str = "kl"
-    free_nats: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.encoder = [int(s) for s in self.encoder]
-        self.decoder = [int(s) for s in self.decoder]
-        checks = [
-            (self.model in MODELS, f"unknown model {self.model!r} (choose from {', '.join(MODELS)})"),
-            (self.likelihood in D.LIKELIHOODS,
-             f"unknown likelihood {self.likelihood!r} (choose from {', '.join(D.LIKELIHOODS)})"),
-            (self.dispersion in DISPERSIONS,
-             f"unknown dispersion {self.dispersion!r} (choose from {', '.join(DISPERSIONS)})"),
-            (self.y_regularisation in Y_REGULARISATIONS,
-             f"unknown y_regularisation {self.y_regularisation!r} (choose from {', '.join(Y_REGULARISATIONS)})"),
-            (self.n_features >= 1, f"n_features must be >= 1, got {self.n_features}"),
-            (self.latent >= 1, f"latent size must be >= 1, got {self.latent}"),
-            (all(s >= 1 for s in self.encoder + self.decoder), "hidden layer sizes must be >= 1"),
-            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
-            (self.free_nats >= 0.0, f"free_nats must be >= 0, got {self.free_nats}"),
-            (self.model != "gmvae" or self.components >= 1, f"components must be >= 1, got {self.components}"),
-            (self.model != "gmvae" or len(self.encoder) >= 1, "a GMVAE needs at least one encoder layer"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
-        """Build from a dict, refusing unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model option(s): {', '.join(unknown)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        """Plain-Python form (safe for weights_only checkpoints and JSON)."""
-        return asdict(self)
 
 
 def gaussian_kl(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
@@ -20,7 +20,8 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from .models import GMVAE, VAE, ModelConfig, build_model
+from .config import ModelConfig, TrainConfig
+from .models import GMVAE, VAE, build_model
 
 log = logging.getLogger("scvae_torch.training")
 
@@ -44,46 +45,6 @@ class TrainingInterrupted(Exception):
         super().__init__(f"stopped by signal {signal.Signals(signum).name}; checkpoint written to {path}, "
                          "run again to resume")
         self.signum = signum
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings for one training run (defaults mirror config/schema.yaml)."""
-
-    epochs: int = 100
-    batch_size: int = 100
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    kl_warmup: int = 0          # epochs of linear KL warm-up (0 = none)
-    seed: int = 0
-    device: str = "auto"        # auto | cpu | cuda
-    checkpoint_every: int = 10  # epochs
-    pretrain_epochs: int = 0    # GMVAE: epochs trained as a plain VAE before p(z|y) is set by k-means
-    iw_samples: int = 0         # importance samples for the validation log-likelihood each epoch (0 = off)
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
-            (self.kl_warmup >= 0, f"KL warm-up must be >= 0, got {self.kl_warmup}"),
-            (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
-            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
-            (self.pretrain_epochs >= 0, f"pretrain_epochs must be >= 0, got {self.pretrain_epochs}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        """Build from a dict, refusing unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**values)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -285,6 +246,8 @@ def fit(X: sp.csr_matrix, train_idx: np.ndarray, val_idx: np.ndarray, model_conf
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
     label_t = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
 
+    if tc.threads:
+        torch.set_num_threads(tc.threads)  # small models run fastest with few threads; never oversubscribe
     with folder_lock(out), stop_signals() as received:
         torch.manual_seed(tc.seed)
         model = build_model(cfg).to(device)

@@ -1,0 +1,109 @@
+"""Model and training settings with their defaults (mirrored by config/schema.yaml and the CLI); no torch here."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+LIKELIHOODS: tuple[str, ...] = ("poisson", "nb", "zip", "zinb")
+MODELS: tuple[str, ...] = ("vae", "gmvae")
+DISPERSIONS: tuple[str, ...] = ("gene", "gene-cell")
+Y_REGULARISATIONS: tuple[str, ...] = ("kl", "none", "supervised")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and likelihood of one model; stored in every checkpoint."""
+
+    n_features: int
+    model: str = "vae"
+    likelihood: str = "poisson"
+    encoder: list[int] = field(default_factory=lambda: [100, 250])
+    decoder: list[int] = field(default_factory=lambda: [250, 100])
+    latent: int = 50
+    components: int = 10
+    dispersion: str = "gene"
+    dropout: float = 0.0
+    batch_norm: bool = True
+    log1p_input: bool = False
+    library_size: bool = False
+    y_regularisation: str = "kl"
+    free_nats: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.encoder = [int(s) for s in self.encoder]
+        self.decoder = [int(s) for s in self.decoder]
+        checks = [
+            (self.model in MODELS, f"unknown model {self.model!r} (choose from {', '.join(MODELS)})"),
+            (self.likelihood in LIKELIHOODS,
+             f"unknown likelihood {self.likelihood!r} (choose from {', '.join(LIKELIHOODS)})"),
+            (self.dispersion in DISPERSIONS,
+             f"unknown dispersion {self.dispersion!r} (choose from {', '.join(DISPERSIONS)})"),
+            (self.y_regularisation in Y_REGULARISATIONS,
+             f"unknown y_regularisation {self.y_regularisation!r} (choose from {', '.join(Y_REGULARISATIONS)})"),
+            (self.n_features >= 1, f"n_features must be >= 1, got {self.n_features}"),
+            (self.latent >= 1, f"latent size must be >= 1, got {self.latent}"),
+            (all(s >= 1 for s in self.encoder + self.decoder), "hidden layer sizes must be >= 1"),
+            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.free_nats >= 0.0, f"free_nats must be >= 0, got {self.free_nats}"),
+            (self.model != "gmvae" or self.components >= 1, f"components must be >= 1, got {self.components}"),
+            (self.model != "gmvae" or len(self.encoder) >= 1, "a GMVAE needs at least one encoder layer"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        """Build from a dict, refusing unknown keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model option(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        """Plain-Python form (safe for weights_only checkpoints and JSON)."""
+        return asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings for one training run (defaults mirror config/schema.yaml)."""
+
+    epochs: int = 100
+    batch_size: int = 100
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    kl_warmup: int = 0          # epochs of linear KL warm-up (0 = none)
+    seed: int = 0
+    device: str = "auto"        # auto | cpu | cuda
+    checkpoint_every: int = 10  # epochs
+    pretrain_epochs: int = 0    # GMVAE: epochs trained as a plain VAE before p(z|y) is set by k-means
+    iw_samples: int = 0         # importance samples for the validation log-likelihood each epoch (0 = off)
+    threads: int = 0            # CPU threads for torch (0 = torch's default)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (self.kl_warmup >= 0, f"KL warm-up must be >= 0, got {self.kl_warmup}"),
+            (self.device in DEVICES, f"device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
+            (self.pretrain_epochs >= 0, f"pretrain_epochs must be >= 0, got {self.pretrain_epochs}"),
+            (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build from a dict, refusing unknown keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**values)
