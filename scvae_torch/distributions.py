@@ -1,14 +1,24 @@
 """Count log-likelihoods in log space: Poisson, NB, ZIP, ZINB.
 
 One implementation, used by training and evaluation alike.  Every parameter
-arrives in log / logit space (DESIGN.md): Poisson ``log_rate``; NB ``log_mean``
-and ``log_theta`` (inverse dispersion); zero inflation ``logit_pi``.
+arrives in log / logit space (DESIGN.md): ``log_mean`` (all four), ``log_theta``
+(NB inverse dispersion; per gene ``[genes]`` or per cell and gene) and
+``logit_pi`` (zero-inflation probability).  No probability is formed and
+exponentiated back: log p is built from softplus / logaddexp / lgamma terms.
+
+Every log-pmf is written as ``log p(0) + delta(x)`` with ``delta(0) == 0`` exactly,
+so that a sparse count matrix needs ``log p(0)`` densely but ``delta`` only at its
+non-zero entries (``log_prob_cells``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 LIKELIHOODS: tuple[str, ...] = ("poisson", "nb", "zip", "zinb")
 
@@ -21,34 +31,322 @@ PARAMETERS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _softplus(t: Tensor) -> Tensor:
+    """log(1 + exp(t)), switching to the identity only where exp(-t) is below the dtype's precision."""
+    # torch's default threshold (20) drops exp(-20) ~ 2e-9: fine for float32, too early for float64.
+    return F.softplus(t, threshold=40.0 if t.dtype == torch.float64 else 20.0)
+
+
+# ---- log p(0) and delta(x) = log p(x) - log p(0) of the base distributions ----
+
+
+def _poisson_log_p0(log_mean: Tensor) -> Tensor:
+    """log Poisson(0 | mu) = -mu."""
+    return -torch.exp(log_mean)
+
+
+def _poisson_delta(x: Tensor, log_mean: Tensor) -> Tensor:
+    """log Poisson(x | mu) - log Poisson(0 | mu) = x log mu - log x!."""
+    return x * log_mean - torch.lgamma(x + 1)
+
+
+def _nb_log_p0(log_mean: Tensor, log_theta: Tensor) -> Tensor:
+    """log NB(0 | mu, theta) = theta log(theta / (theta + mu)) = -theta softplus(log mu - log theta)."""
+    return -torch.exp(log_theta) * _softplus(log_mean - log_theta)
+
+
+def _wide(t: Tensor) -> Tensor:
+    """t in float64 (unless on Apple MPS, which has no float64), for sums of large lgamma terms."""
+    return t if t.device.type == "mps" else t.double()
+
+
+def _lgamma_theta(log_theta: Tensor) -> Tensor:
+    """log Gamma(theta), in float64."""
+    return torch.lgamma(torch.exp(_wide(log_theta)))
+
+
+def _lgamma_ratio(x: Tensor, log_theta: Tensor, lgamma_theta: Tensor | None = None) -> Tensor:
+    """log Gamma(x + theta) - log Gamma(theta), evaluated in float64 whatever the input dtype."""
+    # The difference is ~ x log theta, but each lgamma is ~ theta log theta: in float32 their rounding
+    # (~1e-7 theta log theta, i.e. ~1 at theta = 1e6) would not cancel. One float64 pass costs little.
+    if lgamma_theta is None:
+        lgamma_theta = _lgamma_theta(log_theta)
+    theta = torch.exp(_wide(log_theta))
+    return (torch.lgamma(_wide(x) + theta) - lgamma_theta).to(log_theta.dtype)
+
+
+def _nb_delta(
+    x: Tensor, log_mean: Tensor, log_theta: Tensor, lgamma_theta: Tensor | None = None
+) -> Tensor:
+    """log NB(x) - log NB(0) = log Gamma(x+theta) - log Gamma(theta) - log x! + x log(mu / (theta + mu))."""
+    # log(mu / (theta + mu)) = -softplus(log theta - log mu); the lgamma ratio is exactly 0 at x = 0.
+    return (
+        _lgamma_ratio(x, log_theta, lgamma_theta)
+        - torch.lgamma(x + 1)
+        - x * _softplus(log_theta - log_mean)
+    )
+
+
+# ---- element-wise log-pmfs ----
+
+
 def poisson_log_prob(x: Tensor, log_mean: Tensor) -> Tensor:
     """Element-wise log Poisson(x | exp(log_mean))."""
-    raise NotImplementedError
+    return _poisson_log_p0(log_mean) + _poisson_delta(x, log_mean)
 
 
 def nb_log_prob(x: Tensor, log_mean: Tensor, log_theta: Tensor) -> Tensor:
     """Element-wise log NB(x | mean exp(log_mean), inverse dispersion exp(log_theta))."""
-    raise NotImplementedError
+    return _nb_log_p0(log_mean, log_theta) + _nb_delta(x, log_mean, log_theta)
+
+
+def _zero_inflate(x: Tensor, base_log_p0: Tensor, base_delta: Tensor, logit_pi: Tensor) -> Tensor:
+    """Element-wise log of pi * [x = 0] + (1 - pi) * p(x), given the base log p(0) and delta(x)."""
+    log_pi = -_softplus(-logit_pi)  # log sigmoid(logit_pi)
+    log_1m_pi = -_softplus(logit_pi)  # log (1 - sigmoid(logit_pi))
+    zero = torch.logaddexp(log_pi, log_1m_pi + base_log_p0)
+    nonzero = log_1m_pi + base_log_p0 + base_delta
+    return torch.where(x == 0, zero, nonzero)
 
 
 def zip_log_prob(x: Tensor, log_mean: Tensor, logit_pi: Tensor) -> Tensor:
     """Element-wise log zero-inflated Poisson; pi = sigmoid(logit_pi) is the extra-zero probability."""
-    raise NotImplementedError
+    return _zero_inflate(x, _poisson_log_p0(log_mean), _poisson_delta(x, log_mean), logit_pi)
 
 
 def zinb_log_prob(x: Tensor, log_mean: Tensor, log_theta: Tensor, logit_pi: Tensor) -> Tensor:
     """Element-wise log zero-inflated NB."""
-    raise NotImplementedError
+    return _zero_inflate(
+        x, _nb_log_p0(log_mean, log_theta), _nb_delta(x, log_mean, log_theta), logit_pi
+    )
+
+
+_LOG_PROB: dict[str, Callable[..., Tensor]] = {
+    "poisson": poisson_log_prob,
+    "nb": nb_log_prob,
+    "zip": zip_log_prob,
+    "zinb": zinb_log_prob,
+}
+
+
+def _check_likelihood(likelihood: str, params: dict[str, Tensor]) -> list[Tensor]:
+    """Validate the likelihood name and return its parameters in PARAMETERS order."""
+    if likelihood not in PARAMETERS:
+        raise ValueError(
+            f"unknown likelihood {likelihood!r}; choose one of: {', '.join(LIKELIHOODS)}"
+        )
+    missing = [name for name in PARAMETERS[likelihood] if name not in params]
+    if missing:
+        raise ValueError(
+            f"likelihood {likelihood!r} needs parameters {', '.join(PARAMETERS[likelihood])}; "
+            f"missing: {', '.join(missing)}"
+        )
+    return [params[name] for name in PARAMETERS[likelihood]]
 
 
 def log_prob(likelihood: str, x: Tensor, params: dict[str, Tensor]) -> Tensor:
     """Element-wise log p(x) for the named likelihood; params keyed as in PARAMETERS."""
-    raise NotImplementedError
+    args = _check_likelihood(likelihood, params)
+    return _LOG_PROB[likelihood](x.to(args[0].dtype), *args)
 
 
 def mean(likelihood: str, params: dict[str, Tensor]) -> Tensor:
     """Expected count E[x] under the named likelihood."""
-    raise NotImplementedError
+    args = _check_likelihood(likelihood, params)
+    log_mean = args[0]
+    if likelihood in ("zip", "zinb"):
+        # E[x] = (1 - pi) mu, with log(1 - pi) = -softplus(logit_pi).
+        return torch.exp(log_mean - _softplus(params["logit_pi"]))
+    return torch.exp(log_mean)
+
+
+# ---- per-cell sums, sparse-aware ----
+# sum_g log p(x_g) = sum_g log p(0) + sum_{g: x_g > 0} [log p(x_g) - log p(0)]: the first sum is dense
+# but cheap (no lgamma), the second is evaluated only at the stored entries of a sparse minibatch.
+
+
+def _log_p0(likelihood: str, args: list[Tensor]) -> Tensor:
+    """Element-wise log p(0) for the named likelihood, broadcast over its parameters."""
+    if likelihood == "poisson":
+        return _poisson_log_p0(args[0])
+    if likelihood == "nb":
+        return _nb_log_p0(args[0], args[1])
+    logit_pi = args[-1]
+    base = _poisson_log_p0(args[0]) if likelihood == "zip" else _nb_log_p0(args[0], args[1])
+    return torch.logaddexp(-_softplus(-logit_pi), -_softplus(logit_pi) + base)
+
+
+def _nonzero_correction(
+    likelihood: str, x: Tensor, args: list[Tensor], lgamma_theta: Tensor | None = None
+) -> Tensor:
+    """log p(x) - log p(0) at entries x, given the parameters (and log Gamma(theta)) at those entries."""
+    if likelihood == "poisson":
+        return _poisson_delta(x, args[0])
+    if likelihood == "nb":
+        return _nb_delta(x, args[0], args[1], lgamma_theta)
+    logit_pi = args[-1]
+    if likelihood == "zip":
+        base_p0, base_delta = _poisson_log_p0(args[0]), _poisson_delta(x, args[0])
+    else:
+        base_p0 = _nb_log_p0(args[0], args[1])
+        base_delta = _nb_delta(x, args[0], args[1], lgamma_theta)
+    # For x > 0: log p(x) - log p(0) = log[(1-pi) p(x)] - log[pi + (1-pi) p(0)]
+    #   = delta(x) - log(1 + pi / ((1-pi) p(0))) = delta(x) - softplus(logit_pi - log p(0)).
+    correction = base_delta - _softplus(logit_pi - base_p0)
+    return torch.where(x == 0, torch.zeros_like(correction), correction)  # explicitly stored zeros
+
+
+def _gene_sum(values: Tensor, weight: Tensor) -> Tensor:
+    """sum_g weight * values over the last axis; a matrix-vector product when weight is per gene."""
+    if weight.dim() == 1:
+        return values @ weight
+    return (values * weight).sum(-1)
+
+
+def _nb_zero_parts(log_mean: Tensor, log_theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """t = log(mu / theta), softplus(t) and theta: the pieces of log NB(0) = -theta softplus(t)."""
+    t = log_mean - log_theta
+    return t, _softplus(t), torch.exp(log_theta)
+
+
+def _nb_zero_grads(
+    weight: Tensor, t: Tensor, sp: Tensor, theta: Tensor, theta_shape: torch.Size
+) -> tuple[Tensor, Tensor]:
+    """Gradients of sum weight * log NB(0) w.r.t. log_mean and log_theta (weight: cells x genes or x 1)."""
+    # With b = -theta softplus(t), t = log mu - log theta:
+    #   db/dlog mu = -theta sigmoid(t),   db/dlog theta = -theta softplus(t) + theta sigmoid(t).
+    sig = torch.sigmoid(t)
+    if theta.dim() == 1 and weight.shape[-1] == 1:
+        grad_log_theta = theta * (weight[:, 0] @ sig - weight[:, 0] @ sp)
+    else:
+        grad_log_theta = ((sig - sp) * weight * theta).sum_to_size(theta_shape)
+    grad_log_mean = sig.mul_(theta).mul_(weight).neg_()
+    return grad_log_mean, grad_log_theta
+
+
+class _FusedSparseParts(torch.autograd.Function):
+    """Per-cell sum_g log p(0) and the parameters taken at the stored entries, in one autograd node.
+
+    Autograd would keep ~3x as many cells x genes temporaries (and passes over them) for the x = 0
+    sums as their closed-form derivatives need, and would scatter the gradient of each gathered
+    parameter into a fresh zero tensor before adding it; here it is added in place.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        likelihood: str,
+        rows: Tensor,
+        cols: Tensor,
+        log_mean: Tensor,
+        log_theta: Tensor | None,
+        logit_pi: Tensor | None,
+    ) -> tuple[Tensor, ...]:
+        # Contiguous inputs make every cells x genes temporary (and so every gradient) contiguous too,
+        # so that the in-place index_add_ through .view(-1) in backward is valid.
+        log_mean = log_mean.contiguous()
+        log_theta = None if log_theta is None else log_theta.contiguous()
+        logit_pi = None if logit_pi is None else logit_pi.contiguous()
+        flat = rows * log_mean.shape[1] + cols
+        theta_per_entry = log_theta is not None and log_theta.shape == log_mean.shape
+        saved: tuple[Tensor, ...]
+        if likelihood == "poisson":
+            mu = torch.exp(log_mean)
+            zero_sum, saved = -mu.sum(-1), (mu,)
+        elif likelihood == "nb":
+            t, sp, theta = _nb_zero_parts(log_mean, log_theta)
+            zero_sum, saved = -_gene_sum(sp, theta), (t, sp, theta)
+        else:  # zero-inflated: log p(0) = log(pi + (1 - pi) p_base(0))
+            if likelihood == "zip":
+                base = torch.exp(log_mean).neg_()  # log Poisson(0) = -mu
+                saved = (base,)
+            else:
+                t, sp, theta = _nb_zero_parts(log_mean, log_theta)
+                base, saved = sp * -theta, (t, sp, theta)
+            log_pi = _softplus(-logit_pi).neg_()
+            log_base = _softplus(logit_pi).neg_().add_(base)  # log(1 - pi) + log p_base(0)
+            log_p0 = torch.logaddexp(log_pi, log_base)
+            zero_sum, saved = log_p0.sum(-1), (log_pi, log_base, log_p0, *saved)
+        taken = [log_mean.reshape(-1).index_select(0, flat)]
+        if log_theta is not None:
+            taken.append(log_theta.reshape(-1).index_select(0, flat if theta_per_entry else cols))
+        if logit_pi is not None:
+            taken.append(logit_pi.reshape(-1).index_select(0, flat))
+        ctx.likelihood, ctx.theta_per_entry = likelihood, theta_per_entry
+        ctx.theta_shape = None if log_theta is None else log_theta.shape
+        ctx.save_for_backward(flat, cols, *saved)
+        return (zero_sum, *taken)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor, *grad_taken: Tensor) -> tuple[Tensor | None, ...]:
+        flat, cols, *saved = ctx.saved_tensors
+        likelihood = ctx.likelihood
+        grad_log_theta = grad_logit = None
+        if likelihood == "poisson":
+            grad_log_mean = saved[0] * -grad[:, None]  # d(-mu)/dlog mu = -mu
+        elif likelihood == "nb":
+            grad_log_mean, grad_log_theta = _nb_zero_grads(grad[:, None], *saved, ctx.theta_shape)
+        else:
+            log_pi, log_base, log_p0, *base_saved = saved
+            # r = log(pi + (1-pi) p0): dr/dlog p0 = w := (1-pi) p0 / (pi + (1-pi) p0), and
+            # dr/dlogit pi = pi (1-pi) (1-p0) / (pi + (1-pi) p0) = (1 - pi) - w, 1 - pi = -expm1(log pi).
+            weight = (log_base - log_p0).exp_()
+            grad_logit = torch.expm1(log_pi).neg_().sub_(weight).mul_(grad[:, None])
+            weight.mul_(grad[:, None])
+            if likelihood == "zip":
+                grad_log_mean = base_saved[0] * weight  # d(-mu)/dlog mu = -mu
+            else:
+                grad_log_mean, grad_log_theta = _nb_zero_grads(weight, *base_saved, ctx.theta_shape)
+        # Gradients of the gathered parameters, added where they were taken from.
+        grad_taken = list(grad_taken)
+        grad_log_mean.view(-1).index_add_(0, flat, grad_taken.pop(0))
+        if grad_log_theta is not None:
+            index = flat if ctx.theta_per_entry else cols
+            grad_log_theta.view(-1).index_add_(0, index, grad_taken.pop(0))
+        if grad_logit is not None:
+            grad_logit.view(-1).index_add_(0, flat, grad_taken.pop(0))
+        return None, None, None, grad_log_mean, grad_log_theta, grad_logit
+
+
+def _broadcasts_to(small: torch.Size, shape: torch.Size) -> bool:
+    """Whether a tensor of shape small broadcasts to exactly shape."""
+    if len(small) > len(shape):
+        return False
+    return all(a in (1, b) for a, b in zip(reversed(small), reversed(shape)))
+
+
+def _gather(p: Tensor, rows: Tensor, cols: Tensor, shape: torch.Size) -> Tensor:
+    """Values of p broadcast to shape (cells, genes), taken at the (rows, cols) entries."""
+    while p.dim() < 2:
+        p = p.unsqueeze(0)
+    if p.shape[0] == 1 and p.shape[1] == 1:
+        return p[0, 0].expand(rows.shape[0])
+    if p.shape[0] == 1:  # per gene
+        return p[0].index_select(0, cols)
+    if p.shape[1] == 1:  # per cell
+        return p[:, 0].index_select(0, rows)
+    return p.reshape(-1).index_select(0, rows * shape[1] + cols)
+
+
+def _sparse_entries(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(row offsets, rows, cols, values) of the stored entries of a 2-D sparse CSR or COO tensor."""
+    if x.layout == torch.sparse_csr:
+        offsets = x.crow_indices().long()
+        cols = x.col_indices().long()
+        values = x.values()
+        rows = torch.repeat_interleave(  # output_size given: no device synchronisation on GPU
+            torch.arange(x.shape[0], device=x.device), offsets.diff(), output_size=values.shape[0]
+        )
+    elif x.layout == torch.sparse_coo:
+        x = x.coalesce()  # sorted by row, then column; duplicates summed
+        rows, cols = x.indices()
+        values = x.values()
+        counts = torch.bincount(rows, minlength=x.shape[0])
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    else:
+        raise ValueError(f"unsupported sparse layout {x.layout}; use a CSR or COO tensor")
+    return offsets, rows, cols, values
 
 
 def log_prob_cells(likelihood: str, x: Tensor, params: dict[str, Tensor]) -> Tensor:
@@ -56,5 +354,34 @@ def log_prob_cells(likelihood: str, x: Tensor, params: dict[str, Tensor]) -> Ten
 
     For sparse x this is sparse-aware: the x=0 log-probability is summed densely and a correction is
     evaluated only at the non-zero entries. Same values and gradients as the dense sum.
+    Sparse COO tensors are accepted too.
     """
-    raise NotImplementedError
+    args = _check_likelihood(likelihood, params)
+    if x.dim() != 2:
+        raise ValueError(f"counts must be 2-D (cells x genes), got shape {tuple(x.shape)}")
+    shape = x.shape
+    named = dict(zip(PARAMETERS[likelihood], args))
+    for name, a in named.items():
+        if not _broadcasts_to(a.shape, shape):
+            raise ValueError(f"{name} of shape {tuple(a.shape)} does not broadcast to counts {tuple(shape)}")
+    if x.layout == torch.strided:
+        return _LOG_PROB[likelihood](x.to(args[0].dtype), *args).sum(-1)
+
+    offsets, rows, cols, values = _sparse_entries(x)
+    log_theta = named.get("log_theta")
+    theta_per_gene = log_theta is not None and log_theta.shape in ((shape[1],), (1, shape[1]))
+    fused = all(a.shape == shape for name, a in named.items() if name != "log_theta") and (
+        log_theta is None or theta_per_gene or log_theta.shape == shape
+    )
+    if fused:  # the decoder's shapes
+        zero_sum, *taken = _FusedSparseParts.apply(
+            likelihood, rows, cols, named["log_mean"], log_theta, named.get("logit_pi")
+        )
+    else:
+        zero_sum = torch.broadcast_to(_log_p0(likelihood, args), shape).sum(-1)
+        taken = [_gather(a, rows, cols, shape) for a in args]
+    # log Gamma(theta) once per gene rather than once per stored entry.
+    lgamma_theta = _lgamma_theta(log_theta).reshape(-1).index_select(0, cols) if theta_per_gene else None
+    correction = _nonzero_correction(likelihood, values.to(args[0].dtype), taken, lgamma_theta)
+    # Per-row sums of the correction straight from the CSR offsets (deterministic, also on CUDA).
+    return zero_sum + torch.segment_reduce(correction, "sum", offsets=offsets)
