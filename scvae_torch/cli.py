@@ -189,14 +189,117 @@ def _cmd_download(args: argparse.Namespace) -> None:
 
 # --- simulate (owned by the simulate task) --------------------------------------------------------
 
+_SIM_KINDS = ("poisson-check", "gmvae-mixture", "single-cell")
+# mirrors the defaults of scvae_torch.simulate (tests/test_simulate.py checks they agree), so --help stays fast
+_SIM_DEFAULTS = {"poisson-check": {"cells": 2000, "genes": 10},
+                 "gmvae-mixture": {"cells": 10000, "genes": 10, "types": 5},
+                 "single-cell": {"cells": 5000, "genes": 2000, "types": 6, "sparsity": 0.9}}
+
+
+def _positive_int(text: str) -> int:
+    """Parse a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _open_fraction(text: str) -> float:
+    """Parse a fraction strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1, got {text!r}")
+    return value
+
+
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="write a synthetic data set as a canonical h5ad",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Write a seeded synthetic count matrix as the canonical AnnData file and its true "
+                                   "parameters as OUT.truth.json. poisson-check: feature j ~ Poisson(j+1), no "
+                                   "labels (the review's check data). gmvae-mixture: a Poisson mixture, labels from "
+                                   "k-means (k = --types) as in the review. single-cell: negative binomial counts "
+                                   "with cell types, marker genes, heavy-tailed gene means and library sizes; "
+                                   "labels type0, type1, ...")
+    d = _SIM_DEFAULTS
+    p.add_argument("kind", metavar="KIND", choices=_SIM_KINDS, help="one of " + ", ".join(_SIM_KINDS))
+    p.add_argument("--out", required=True, metavar="COUNTS.h5ad", default=argparse.SUPPRESS,
+                   help="canonical AnnData file to write")
+    p.add_argument("--cells", type=_positive_int, metavar="N", default=argparse.SUPPRESS,
+                   help="number of cells (default: " + ", ".join(f"{d[k]['cells']} {k}" for k in _SIM_KINDS) + ")")
+    p.add_argument("--genes", type=_positive_int, metavar="G", default=argparse.SUPPRESS,
+                   help="number of genes (features) (default: " +
+                        ", ".join(f"{d[k]['genes']} {k}" for k in _SIM_KINDS) + ")")
+    p.add_argument("--types", type=_positive_int, metavar="K", default=argparse.SUPPRESS,
+                   help=f"gmvae-mixture: mixture components and k-means clusters (default: "
+                        f"{d['gmvae-mixture']['types']}); single-cell: cell types (default: "
+                        f"{d['single-cell']['types']}); not used by poisson-check")
+    p.add_argument("--sparsity", type=_open_fraction, metavar="S", default=argparse.SUPPRESS,
+                   help=f"single-cell only: expected fraction of zero counts (default: {d['single-cell']['sparsity']})")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; the same seed gives the same file")
     p.set_defaults(func=_cmd_simulate)
 
 
+def _write_json_atomic(obj: dict, path: str) -> None:
+    """Write obj as JSON to path via a temporary file and a rename, so path is never half-written."""
+    import json
+    import os
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(obj, handle)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _cmd_simulate(args: argparse.Namespace) -> None:
-    raise UsageError("simulate: not implemented yet")
+    import os
+
+    import numpy as np
+
+    from . import simulate
+    from .data import Counts, write_canonical
+
+    given = {k: getattr(args, k) for k in ("cells", "genes", "types", "sparsity") if hasattr(args, k)}
+    unused = sorted(set(given) - set(_SIM_DEFAULTS[args.kind]))
+    if unused:
+        raise UsageError(f"{args.kind} does not use " + ", ".join(f"--{k}" for k in unused))
+    options = {**_SIM_DEFAULTS[args.kind], **given}
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise UsageError(f"cannot write {args.out}: folder {folder} does not exist")
+    try:
+        if args.kind == "poisson-check":
+            sim = simulate.poisson_check(options["cells"], options["genes"], seed=args.seed)
+        elif args.kind == "gmvae-mixture":
+            sim = simulate.gmvae_mixture(options["cells"], options["genes"], options["types"], seed=args.seed)
+        else:
+            sim = simulate.single_cell(options["cells"], options["genes"], options["types"], seed=args.seed,
+                                       sparsity=options["sparsity"])
+    except ValueError as err:  # the generators' checks on sizes that do not fit together
+        raise UsageError(str(err)) from None
+    n_cells, n_genes = sim.X.shape
+    cells = np.array([f"cell{i}" for i in range(n_cells)])
+    genes = np.array([f"gene{j}" for j in range(n_genes)])
+    # truth first: a finished counts file always has its truth next to it
+    truth_path = args.out + ".truth.json"
+    try:
+        _write_json_atomic({"kind": args.kind, "seed": args.seed, **options, "truth": sim.truth_json()}, truth_path)
+        write_canonical(Counts(sim.X, genes, cells, sim.labels), args.out)
+    except OSError as err:
+        raise UsageError(f"cannot write {err.filename or args.out}: {err.strerror or err}") from None
+    zeros = 100.0 * (1.0 - sim.X.nnz / (n_cells * n_genes))
+    print(f"scvae-torch simulate: wrote {args.out}: {n_cells} cells x {n_genes} genes, {zeros:.2f}% zeros; "
+          f"true parameters in {truth_path}", file=sys.stderr)
 
 
 # --- train / evaluate (owned by the core task) ----------------------------------------------------
