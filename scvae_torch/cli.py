@@ -305,8 +305,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 # --- train / evaluate (owned by the core task) ----------------------------------------------------
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .models import ModelConfig
-    from .training import TrainConfig
+    from .config import ModelConfig, TrainConfig
 
     m, t = ModelConfig(n_features=1), TrainConfig()
     p = sub.add_parser("train", help="train a VAE / GMVAE, or resume the run in --out",
@@ -337,12 +336,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every, help="epochs between checkpoints")
     p.add_argument("--seed", type=int, default=t.seed, help="random seed (split, initialisation, minibatches)")
     p.add_argument("--device", default=t.device, help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--threads", type=int, default=t.threads, help="CPU threads for torch (0: torch's default)")
     p.set_defaults(func=_cmd_train)
 
 
 def _model_train_configs(args: argparse.Namespace) -> tuple[dict, "object"]:
     """Split parsed train arguments into a model-config dict and a TrainConfig; bad values -> UsageError."""
-    from .training import TrainConfig
+    from .config import ModelConfig, TrainConfig
 
     model = {k: getattr(args, k) for k in ("model", "likelihood", "encoder", "decoder", "latent", "components",
                                            "dispersion", "dropout", "batch_norm", "log1p_input", "library_size",
@@ -351,9 +351,7 @@ def _model_train_configs(args: argparse.Namespace) -> tuple[dict, "object"]:
         train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             weight_decay=args.weight_decay, kl_warmup=args.kl_warmup, seed=args.seed,
                             device=args.device, checkpoint_every=args.checkpoint_every,
-                            pretrain_epochs=args.pretrain_epochs)
-        from .models import ModelConfig
-
+                            pretrain_epochs=args.pretrain_epochs, threads=args.threads)
         ModelConfig(n_features=1, **model)  # validate before any data is read
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -423,17 +421,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; user mistakes give one line on stderr and a non-zero exit, never a traceback."""
     from .data import DataError
-    from .training import TrainingError, TrainingInterrupted
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, DataError, TrainingError) as err:
+    except (UsageError, DataError) as err:
         print(f"scvae-torch {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except TrainingInterrupted as err:
-        print(f"scvae-torch {args.command}: {err}", file=sys.stderr)
-        return 128 + err.signum
+    except Exception as err:
+        training = sys.modules.get("scvae_torch.training")  # imported (with torch) only by train/evaluate
+        if training is not None and isinstance(err, training.TrainingInterrupted):
+            print(f"scvae-torch {args.command}: {err}", file=sys.stderr)
+            return 128 + err.signum
+        if training is not None and isinstance(err, training.TrainingError):
+            print(f"scvae-torch {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print(f"scvae-torch {args.command}: interrupted", file=sys.stderr)
         return 130
