@@ -26,6 +26,21 @@ wildcard_constraints:
     run=r"(?:vae|gmvae)-(?:poisson|nb|zip|zinb)(?:-y(?:none|kl|supervised))?",
 
 
+def canonical(value):
+    """Dicts with sorted keys, all the way down: params compare equal however a config orders its keys."""
+    if isinstance(value, dict):
+        return {k: canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    return value
+
+
+def dataset_spec(dataset, source=None):
+    """A data set's config (or one source section of it), canonically ordered for params."""
+    spec = config["datasets"][dataset]
+    return canonical(spec[source] if source else spec)
+
+
 def config_error(message):
     """Stop before any job runs with one line naming the config key at fault."""
     raise WorkflowError(f"config: {message}")
@@ -197,6 +212,9 @@ def check_references():
     for key, dataset in named:
         if dataset not in config["datasets"]:
             config_error(f"{key}: no data set named {dataset!r} under datasets")
+    fig2 = config["figures"].get("figure2")
+    if fig2 and config["datasets"][fig2["dataset"]].get("simulate", {}).get("kind") != "poisson-check":
+        config_error(f"figures.figure2.dataset: {fig2['dataset']!r} is not a simulated poisson-check set")
     fig3 = config["figures"].get("figure3")
     if fig3 and (fig3["dataset"], "vae", "poisson") not in final_runs():
         config_error(
@@ -222,14 +240,14 @@ def model_config(dataset, model, likelihood, arch, **overrides):
     cfg = dict(config["model"])
     cfg.update(parse_arch(arch))
     cfg.update(model=model, likelihood=likelihood, components=components(dataset), **overrides)
-    return cfg
+    return canonical(cfg)
 
 
 def train_config(**overrides):
     """The library's TrainConfig fields for one run."""
     cfg = {k: v for k, v in config["training"].items() if k != "resources"}
     cfg.update(overrides)
-    return cfg
+    return canonical(cfg)
 
 
 def winner(wildcards):

@@ -10,7 +10,7 @@ rule simulate_data:
     wildcard_constraints:
         dataset=datasets_from("simulate"),
     params:
-        spec=lambda wc: config["datasets"][wc.dataset]["simulate"],
+        spec=lambda wc: dataset_spec(wc.dataset, "simulate"),
     log:
         "results/logs/data/{dataset}.simulate.log",
     conda:
@@ -25,7 +25,7 @@ rule download_data:
     wildcard_constraints:
         dataset=datasets_from("download"),
     params:
-        spec=lambda wc: config["datasets"][wc.dataset]["download"],
+        spec=lambda wc: dataset_spec(wc.dataset, "download"),
     log:
         "results/logs/data/{dataset}.download.log",
     retries: 2
@@ -44,7 +44,7 @@ rule prepare_data:
     wildcard_constraints:
         dataset=f"{datasets_from('download')}|{datasets_from('file')}",
     params:
-        spec=lambda wc: config["datasets"][wc.dataset],
+        spec=lambda wc: dataset_spec(wc.dataset),
     log:
         "results/logs/data/{dataset}.prepare.log",
     conda:
@@ -59,7 +59,7 @@ rule split_data:
     output:
         "results/data/{dataset}/split.tsv",
     params:
-        split=config["split"],
+        split=canonical(config["split"]),
     log:
         "results/logs/data/{dataset}.split.log",
     conda:

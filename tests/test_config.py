@@ -1,0 +1,176 @@
+"""The pipeline's config schema: shipped configs validate, unknown keys fail naming the key, defaults mirror the library."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from scvae_torch.models import ModelConfig
+from scvae_torch.training import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = yaml.safe_load((ROOT / "config" / "schema.yaml").read_text())
+CONFIGS = ["config.yaml", "paper.yaml", "test.yaml"]
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((ROOT / "config" / name).read_text())
+
+
+def errors(config: dict) -> list[jsonschema.ValidationError]:
+    return list(jsonschema.Draft202012Validator(SCHEMA).iter_errors(config))
+
+
+def schema_defaults(section: str) -> dict:
+    props = SCHEMA["properties"][section]["properties"]
+    return {k: v["default"] for k, v in props.items() if "default" in v}
+
+
+def object_paths(schema: dict, path: tuple = ()) -> list[tuple]:
+    """Every path in a config where the schema describes an object with named properties."""
+    found = []
+    if schema.get("type") in ("object", ["object", "null"]) and "properties" in schema:
+        found.append(path)
+        for key, sub in schema["properties"].items():
+            sub = resolve(sub)
+            found += object_paths(sub, path + (key,))
+    return found
+
+
+def resolve(sub: dict) -> dict:
+    if "$ref" in sub:
+        name = sub["$ref"].split("/")[-1]
+        return {**SCHEMA["$defs"][name], **{k: v for k, v in sub.items() if k != "$ref"}}
+    return sub
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_validate(name):
+    assert errors(load(name)) == []
+
+
+def test_schema_is_strict_everywhere():
+    """Every object in the schema refuses unknown keys (so a misspelt key can never be ignored)."""
+    def walk(node, where):
+        if isinstance(node, dict):
+            if node.get("type") in ("object", ["object", "null"]) and "properties" in node:
+                assert node.get("additionalProperties") is False, f"{where} accepts unknown keys"
+            for key, value in node.items():
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+    walk(SCHEMA, "schema")
+
+
+def _config_with_every_section() -> dict:
+    config = load("config.yaml")
+    config["datasets"]["local"] = {"file": {"path": "x.h5ad"}}
+    config["datasets"]["web"] = {"download": {"name": "10x-MB-20k"}}
+    return config
+
+
+def _instance_at(config: dict, path: tuple):
+    """The object at a schema path in config (datasets.* resolved to a data set of the right kind)."""
+    node = config
+    for key in path:
+        node = node.setdefault(key, {})
+    return node
+
+
+@pytest.mark.parametrize("path", [
+    (), ("split",), ("model",), ("training",), ("training", "resources"), ("gridsearch",),
+    ("gridsearch", "resources"), ("evaluation",), ("clustering",), ("figures",), ("figures", "figure2"),
+    ("figures", "figure5"), ("datasets", "sim-sc"), ("datasets", "sim-sc", "simulate"),
+    ("datasets", "local", "file"), ("datasets", "web", "download"),
+])
+def test_misspelt_key_is_refused_naming_it(path):
+    config = _config_with_every_section()
+    _instance_at(config, path)["lerning_rate"] = 1
+    found = errors(config)
+    assert found, f"a misspelt key under {'.'.join(path) or 'top level'} was accepted"
+    assert any("lerning_rate" in e.message for e in found)
+    assert any(tuple(e.absolute_path) == path for e in found)
+
+
+def test_misspelt_key_test_covers_every_object_of_the_schema():
+    """The parametrised test above reaches every object the schema defines (apart from data set names)."""
+    covered = {(), ("split",), ("model",), ("training",), ("training", "resources"), ("gridsearch",),
+               ("gridsearch", "resources"), ("evaluation",), ("evaluation", "resources"), ("clustering",),
+               ("figures",), ("figures", "figure2"), ("figures", "figure3"), ("figures", "figure5")}
+    top = {p for p in object_paths(SCHEMA) if not p or p[0] != "datasets"}
+    assert top <= covered, f"objects not covered: {top - covered}"
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "a b", "x;rm", ""])
+def test_unsafe_dataset_names_are_refused(name):
+    config = load("config.yaml")
+    config["datasets"][name] = {"simulate": {"kind": "poisson-check"}}
+    assert errors(config)
+
+
+@pytest.mark.parametrize("key, value", [
+    (("training", "epochs"), 0), (("training", "lr"), 0), (("training", "device"), "tpu"),
+    (("gridsearch", "likelihoods"), ["gaussian"]), (("gridsearch", "encoders"), [[0]]),
+    (("split", "fractions"), [0.5, 0.5]), (("model", "dropout"), 1.0), (("training", "resources"), {"gpu": -1}),
+])
+def test_wrong_values_are_refused(key, value):
+    config = copy.deepcopy(load("config.yaml"))
+    _instance_at(config, key[:-1])[key[-1]] = value
+    assert errors(config)
+
+
+def test_download_urls_must_be_http_and_shell_safe():
+    config = load("config.yaml")
+    for url in ["file:///etc/passwd", "ftp://x/y", "http://x/$(rm -rf ~)", "http://x/a;b", "http://x/a b"]:
+        config["datasets"]["web"] = {"download": {"url": url}}
+        assert errors(config), url
+
+
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def test_training_defaults_mirror_trainconfig():
+    """Defaults live in the schema; TrainConfig's defaults must be the same numbers."""
+    schema = schema_defaults("training")
+    library = dataclasses.asdict(TrainConfig())
+    shared = set(schema) & set(library)
+    assert shared >= {"epochs", "batch_size", "lr", "weight_decay", "kl_warmup", "seed", "device", "checkpoint_every"}
+    assert {k: schema[k] for k in shared} == {k: library[k] for k in shared}
+    assert set(schema) - {"resources"} <= TRAIN_KEYS, "schema 'training' keys the library does not know"
+
+
+def test_model_defaults_mirror_modelconfig():
+    schema = schema_defaults("model")
+    library = dataclasses.asdict(ModelConfig(n_features=1))
+    assert set(schema) <= MODEL_KEYS, f"schema 'model' keys the library does not know: {set(schema) - MODEL_KEYS}"
+    assert {k: schema[k] for k in schema} == {k: library[k] for k in schema}
+
+
+def test_every_model_option_is_configurable():
+    """Every ModelConfig option except those set per run (architecture, model, likelihood) is in the schema."""
+    per_run = {"n_features", "model", "likelihood", "encoder", "decoder", "latent"}
+    assert MODEL_KEYS - per_run <= set(schema_defaults("model")), MODEL_KEYS - per_run - set(schema_defaults("model"))
+
+
+def test_every_key_is_described_in_config_readme():
+    readme = (ROOT / "config" / "README.md").read_text()
+    keys = set()
+
+    def walk(schema):
+        schema = resolve(schema)
+        for key, sub in schema.get("properties", {}).items():
+            keys.add(key)
+            walk(sub)
+        if isinstance(schema.get("additionalProperties"), dict):
+            walk(schema["additionalProperties"])
+    walk(SCHEMA)
+    missing = sorted(k for k in keys if not re.search(rf"`{re.escape(k)}`", readme))
+    assert not missing, f"config/README.md does not describe: {missing}"
