@@ -377,3 +377,59 @@ def test_killed_final_training_resumes_from_its_checkpoint(tmp_path):
     pd.testing.assert_frame_equal(history.iloc[:len(kept)], kept)
     log = (work / "results" / "logs" / "models" / "pc" / "vae-poisson.log").read_text()
     assert "resuming" in log
+
+
+# ---- downloaded and local data sets ------------------------------------------------------------------
+
+@pytest.fixture()
+def http_server():
+    """Serve tests/data/10x on 127.0.0.1 (a stand-in for the 10x download site)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(ROOT / "tests" / "data" / "10x"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_downloaded_and_local_data_sets_reach_table1(tmp_path, http_server):
+    """A URL download (checksum verified) and a local 10x MEX folder become canonical files and Table 1 rows."""
+    import hashlib
+
+    h5 = ROOT / "tests" / "data" / "10x" / "scanpy_v3_filtered_feature_bc_matrix.h5"
+    work = copy_workflow(tmp_path / "sources")
+    config = {
+        "datasets": {
+            "web": {"download": {"url": f"{http_server}/{h5.name}", "format": "10x-h5",
+                                 "sha256": hashlib.sha256(h5.read_bytes()).hexdigest()}},
+            "local": {"file": {"path": str(h5.parent / "scanpy_v3_filtered_feature_bc_matrix"), "format": "mtx"}},
+        },
+        "gridsearch": {"datasets": []},
+    }
+    (work / "config" / "sources.yaml").write_text(yaml.safe_dump(config))
+    snakemake(work, "results/tables/table1_datasets.tsv", "--cores", "2", "--configfile", "config/sources.yaml")
+    t = table(work, "table1_datasets").set_index("dataset")
+    # the README of the fixtures: 1107 cells x 507 genes, 23,866 non-zeros, the .h5 and the MEX folder identical
+    for name in ("web", "local"):
+        assert (t.loc[name, "cells"], t.loc[name, "genes"], t.loc[name, "nonzeros"]) == (1107, 507, 23866)
+    assert (work / "resources" / "downloads" / "web" / "raw").read_bytes() == h5.read_bytes()
+
+
+def test_download_with_a_wrong_checksum_leaves_nothing(tmp_path, http_server):
+    h5 = ROOT / "tests" / "data" / "10x" / "scanpy_v3_filtered_feature_bc_matrix.h5"
+    work = copy_workflow(tmp_path / "badsum")
+    config = {"datasets": {"web": {"download": {"url": f"{http_server}/{h5.name}", "sha256": "0" * 64}}},
+              "gridsearch": {"datasets": []}}
+    (work / "config" / "badsum.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(work, "results/data/web/counts.h5ad", "--cores", "1", "--configfile", "config/badsum.yaml",
+                     check=False)
+    assert proc.returncode != 0
+    folder = work / "resources" / "downloads" / "web"
+    assert not (folder / "raw").exists() and not (folder / "raw.part").exists()
+    assert not (work / "results" / "data" / "web" / "counts.h5ad").exists()
+    assert "sha256" in (work / "results" / "logs" / "data" / "web.download.log").read_text()

@@ -34,8 +34,9 @@ for run, path in zip(p.runs, snakemake.input.latents):
     else:
         assign[run] = evaluation.kmeans_labels(np.asarray(latent.obsm["X_scvae"], dtype=np.float64), k, p.seed)
         methods.append((run, "kmeans_vae_latent", run, settings))
-assign["pca_log1p"] = evaluation.pca_kmeans_baseline(counts.X, k, n_pcs=p.n_pcs, seed=p.seed)
-methods.append(("pca_log1p", "kmeans_pca_log1p", "-", {}))
+if labels is not None:  # the classical baseline only matters where it can be scored
+    assign["pca_log1p"] = evaluation.pca_kmeans_baseline(counts.X, k, n_pcs=p.n_pcs, seed=p.seed)
+    methods.append(("pca_log1p", "kmeans_pca_log1p", "-", {}))
 
 rows = []
 if labels is not None:
