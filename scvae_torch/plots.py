@@ -92,10 +92,13 @@ def _curves(ax: Axes, h: pd.DataFrame, term: str, title: str) -> None:
 
 
 def figure2(history: str, feature_means: str, truth: str, png: str, pdf: str | None = None) -> Figure:
-    """Figure 2: VAE (Poisson) on the check data - ELBO, log-likelihood, KL per epoch; learned vs true rates."""
+    """Figure 2: VAE (Poisson) on the check data - ELBO, log-likelihood, KL per epoch; learned vs true rates.
+
+    truth is the simulation's truth JSON (as `scvae-torch simulate` writes it: truth['truth']['rates']).
+    """
     h = _history_of(history)
     means = pd.read_csv(feature_means, sep="\t")
-    rates = np.asarray(json.loads(Path(truth).read_text())["rates"], dtype=float)
+    rates = np.asarray(json.loads(Path(truth).read_text())["truth"]["rates"], dtype=float)
     fig = Figure(layout="constrained", figsize=(13, 3.4))
     axes = fig.subplots(1, 4)
     _curves(axes[0], h, "elbo", "ELBO per cell")

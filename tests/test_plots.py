@@ -47,7 +47,7 @@ def test_figures_2_and_3_and_learning_curves(tmp_path):
     (run / "metrics.json").write_text("{}")
     pd.DataFrame({"feature": [f"g{i}" for i in range(10)], "observed_mean": np.arange(1, 11.0),
                   "decoded_mean": np.arange(1, 11.0) * 1.01}).to_csv(tmp_path / "means.tsv", sep="\t", index=False)
-    (tmp_path / "truth.json").write_text(json.dumps({"rates": list(range(1, 11))}))
+    (tmp_path / "truth.json").write_text(json.dumps({"kind": "poisson-check", "truth": {"rates": list(range(1, 11))}}))
     plots.figure2(str(run / "metrics.json"), str(tmp_path / "means.tsv"), str(tmp_path / "truth.json"),
                   str(tmp_path / "f2.png"), str(tmp_path / "f2.pdf"))
     plots.figure3(str(run), str(tmp_path / "f3.png"), str(tmp_path / "f3.pdf"))

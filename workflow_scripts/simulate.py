@@ -1,6 +1,7 @@
 """Rule simulate_data: one synthetic data set as the canonical h5ad, its summary and its true parameters."""
 
 import json
+import sys
 
 import numpy as np
 
@@ -14,15 +15,17 @@ spec = dict(snakemake.params.spec)
 kind = spec.pop("kind")
 generate = {"poisson-check": simulate.poisson_check, "gmvae-mixture": simulate.gmvae_mixture,
             "single-cell": simulate.single_cell}[kind]
-sim = generate(**spec)
+try:
+    sim = generate(**spec)
+except ValueError as err:  # sizes that do not fit together
+    print(f"error: datasets.{snakemake.wildcards.dataset}.simulate: {err}")
+    sys.exit(1)
 n_cells, n_genes = sim.X.shape
-counts = data.Counts(X=sim.X.tocsr(), genes=np.array([f"gene{j}" for j in range(n_genes)]),
-                     cells=np.array([f"cell{i}" for i in range(n_cells)]),
-                     labels=None if sim.labels is None else np.asarray(sim.labels).astype(str))
+# the same names as `scvae-torch simulate`
+counts = data.Counts(X=sim.X, genes=np.array([f"gene{j}" for j in range(n_genes)]),
+                     cells=np.array([f"cell{i}" for i in range(n_cells)]), labels=sim.labels)
 summary = data.summarize(counts)
+_common.atomic_text(json.dumps({"kind": kind, **spec, "truth": sim.truth_json()}), snakemake.output.truth)
 data.write_canonical(counts, snakemake.output.counts)
 data.write_summary(summary, snakemake.output.summary)
-truth = {"kind": kind, **{k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v for k, v in sim.truth.items()}}
-_common.atomic_text(json.dumps(truth, default=lambda v: v.item() if hasattr(v, "item") else str(v)),
-                    snakemake.output.truth)
 print(summary)
