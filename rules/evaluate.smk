@@ -14,7 +14,8 @@ rule evaluate:
     params:
         iw_samples=config["evaluation"]["iw_samples"],
         seed=config["evaluation"]["seed"],
-        device=config["training"]["device"],
+        # a CPU-only evaluation job must not insist on the GPU the training jobs asked for
+        device="cpu" if config["training"]["device"] == "cpu" else "auto",
     threads: resource("evaluation", "threads")
     resources:
         runtime=resource("evaluation", "runtime"),
