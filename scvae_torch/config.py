@@ -9,6 +9,8 @@ MODELS: tuple[str, ...] = ("vae", "gmvae")
 DISPERSIONS: tuple[str, ...] = ("gene", "gene-cell")
 Y_REGULARISATIONS: tuple[str, ...] = ("kl", "none", "supervised")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
+STREAMING: tuple[str, ...] = ("auto", "on", "off")
 
 
 @dataclass
@@ -82,6 +84,10 @@ class TrainConfig:
     pretrain_epochs: int = 0    # GMVAE: epochs trained as a plain VAE before p(z|y) is set by k-means
     iw_samples: int = 0         # importance samples for the validation log-likelihood each epoch (0 = off)
     threads: int = 0            # CPU threads for torch (0 = torch's default)
+    precision: str = "float32"  # float32 | bfloat16 (autocast for the MLPs; likelihood sums stay float32)
+    compile: bool = False       # torch.compile the MLPs (falls back to eager where unavailable)
+    stream: str = "auto"        # on: read minibatches from the h5ad file; off: load it; auto: on above stream_above_gb
+    stream_above_gb: float = 4.0  # in-memory size (GiB) of the count matrix above which stream=auto streams
 
     def __post_init__(self) -> None:
         checks = [
@@ -94,6 +100,9 @@ class TrainConfig:
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
             (self.pretrain_epochs >= 0, f"pretrain_epochs must be >= 0, got {self.pretrain_epochs}"),
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
+            (self.precision in PRECISIONS, f"precision must be float32 or bfloat16, got {self.precision!r}"),
+            (self.stream in STREAMING, f"stream must be auto, on or off, got {self.stream!r}"),
+            (self.stream_above_gb > 0, f"stream_above_gb must be > 0, got {self.stream_above_gb}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,6 +21,37 @@ LOG_VAR_BOUNDS = (-15.0, 15.0)
 def gaussian_kl(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: Tensor) -> Tensor:
     """KL(N(mu_q, var_q) || N(mu_p, var_p)) for diagonal Gaussians, summed over the last axis."""
     return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1.0).sum(-1)
+
+
+def _float32(t: Tensor) -> Tensor:
+    """t in float32 when autocast made it float16/bfloat16 (ELBO terms are never summed in half precision)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def tile_rows(counts: Tensor, times: int) -> Tensor:
+    """counts (cells x genes, dense or sparse CSR) stacked `times` times: row t * cells + i is row i."""
+    if counts.layout == torch.strided:
+        return counts.repeat(times, 1)
+    if counts.layout != torch.sparse_csr:
+        counts = counts.to_sparse_csr()
+    crow, col, values = counts.crow_indices(), counts.col_indices(), counts.values()
+    nnz = values.shape[0]
+    # row offsets of copy t are those of the original shifted by t * nnz; no loop over cells or copies
+    shifts = torch.arange(times, device=crow.device, dtype=crow.dtype)[:, None] * nnz
+    crow = torch.cat([(crow[None, :-1] + shifts).reshape(-1), crow.new_full((1,), times * nnz)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        return torch.sparse_csr_tensor(crow, col.repeat(times), values.repeat(times),
+                                       (times * counts.shape[0], counts.shape[1]), check_invariants=False)
+
+
+def log_px(likelihood: str, counts: Tensor, params: dict[str, Tensor]) -> Tensor:
+    """Per-cell log p(x | params) (counts dense or sparse CSR), always outside autocast: sums stay float32."""
+    device_type = params["log_mean"].device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return D.log_prob_cells(likelihood, counts, {k: _float32(v) for k, v in params.items()})
+    return D.log_prob_cells(likelihood, counts, params)
 
 
 def gaussian_log_prob(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
@@ -66,7 +99,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor, log_library: Tensor | None = None) -> dict[str, Tensor]:
         h = self.mlp(z)
-        params = {name: head(h) for name, head in self.heads.items()}
+        params = {name: _float32(head(h)) for name, head in self.heads.items()}
         if self.library_size:
             # mean = library size x softmax over genes (scVI-style scaling)
             params["log_mean"] = torch.log_softmax(params["log_mean"], dim=-1) + log_library
@@ -100,7 +133,7 @@ class VAE(nn.Module):
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and log-variance of q(z|x)."""
         h = self.encoder(self._input(x))
-        return self.z_mu(h), self.z_logvar(h).clamp(*LOG_VAR_BOUNDS)
+        return _float32(self.z_mu(h)), _float32(self.z_logvar(h)).clamp(*LOG_VAR_BOUNDS)
 
     def latent(self, x: Tensor) -> Tensor:
         """Latent representation of each cell: the mean of q(z|x)."""
@@ -110,12 +143,17 @@ class VAE(nn.Module):
         """Likelihood parameters for each row of z (x supplies the library size when that option is on)."""
         return self.decoder(z, _log_library(x) if self.cfg.library_size else None)
 
-    def forward(self, x: Tensor, kl_weight: float = 1.0, labels: Tensor | None = None) -> dict[str, Tensor]:
-        """ELBO terms per cell, and the minibatch loss (negative ELBO per cell, KL weighted)."""
+    def forward(self, x: Tensor, kl_weight: float = 1.0, labels: Tensor | None = None,
+                counts: Tensor | None = None) -> dict[str, Tensor]:
+        """ELBO terms per cell, and the minibatch loss (negative ELBO per cell, KL weighted).
+
+        x is the dense encoder input; counts, the same cells as a sparse CSR tensor, makes the likelihood
+        sparse-aware (same values; default: x itself).
+        """
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         params = self.decode(z, x)
-        log_lik = D.log_prob(self.cfg.likelihood, x, params).sum(-1)
+        log_lik = log_px(self.cfg.likelihood, x if counts is None else counts, params)
         kl_z = gaussian_kl(mu, logvar, torch.zeros_like(mu), torch.zeros_like(logvar))
         kl_y = torch.zeros_like(kl_z)
         kl_z_loss = kl_z.clamp_min(self.cfg.free_nats) if self.cfg.free_nats > 0 else kl_z
@@ -123,18 +161,19 @@ class VAE(nn.Module):
         return {"elbo": log_lik - kl_z, "log_lik": log_lik, "kl_z": kl_z, "kl_y": kl_y, "loss": loss,
                 "params": params}
 
-    def iw_log_likelihood(self, x: Tensor, samples: int) -> Tensor:
+    def iw_log_likelihood(self, x: Tensor, samples: int, counts: Tensor | None = None) -> Tensor:
         """Importance-weighted estimate of log p(x) per cell with `samples` draws from q(z|x)."""
         mu, logvar = self.encode(x)
+        counts = x if counts is None else counts
+        log_library = _log_library(x) if self.cfg.library_size else None
         terms = []
         for s in _sample_chunks(samples, x.shape[0] * x.shape[1]):
             z = mu + torch.randn((s, *mu.shape), dtype=mu.dtype, device=mu.device) * (0.5 * logvar).exp()
-            xs = x.expand(s, *x.shape)
-            params = self.decode(z.reshape(-1, mu.shape[-1]), xs.reshape(-1, x.shape[-1]))
-            params = {k: v.reshape(s, x.shape[0], -1) if v.dim() == 2 else v for k, v in params.items()}
-            log_px = D.log_prob(self.cfg.likelihood, xs, params).sum(-1)
+            params = self.decoder(z.reshape(-1, mu.shape[-1]),
+                                  None if log_library is None else log_library.repeat(s, 1))
+            log_p = log_px(self.cfg.likelihood, tile_rows(counts, s), params).reshape(s, x.shape[0])
             log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
-            terms.append(log_px + log_pz - gaussian_log_prob(z, mu, logvar))
+            terms.append(log_p + log_pz - gaussian_log_prob(z, mu, logvar))
         return torch.logsumexp(torch.cat(terms), dim=0) - math.log(samples)
 
 
@@ -176,7 +215,7 @@ class GMVAE(VAE):
 
     def y_log_probs(self, x: Tensor) -> Tensor:
         """log q(y|x), shape (cells, K)."""
-        return torch.log_softmax(self.y_logits(self.y_encoder(self._input(x))), dim=-1)
+        return torch.log_softmax(_float32(self.y_logits(self.y_encoder(self._input(x)))), dim=-1)
 
     def responsibilities(self, x: Tensor) -> Tensor:
         """q(y|x), shape (cells, K)."""
@@ -189,8 +228,8 @@ class GMVAE(VAE):
         h = F.linear(self._input(x), w[:, : self.cfg.n_features], self.z_first.bias)
         h = (h[:, None, :] + w[:, self.cfg.n_features:].T[None, :, :]).reshape(n * K, -1)
         h = self.encoder(self.z_first_rest(h))
-        mu = self.z_mu(h).reshape(n, K, -1)
-        logvar = self.z_logvar(h).reshape(n, K, -1).clamp(*LOG_VAR_BOUNDS)
+        mu = _float32(self.z_mu(h)).reshape(n, K, -1)
+        logvar = _float32(self.z_logvar(h)).reshape(n, K, -1).clamp(*LOG_VAR_BOUNDS)
         return mu, logvar
 
     def latent(self, x: Tensor) -> Tensor:
@@ -201,19 +240,21 @@ class GMVAE(VAE):
     def _prior(self) -> tuple[Tensor, Tensor]:
         return self.prior_mu, self.prior_logvar.clamp(*LOG_VAR_BOUNDS)
 
-    def _log_px_per_component(self, x: Tensor, z: Tensor) -> Tensor:
-        """log p(x|z_k) for z of shape (cells, K, L); returns (cells, K)."""
+    def _log_px_per_component(self, x: Tensor, z: Tensor, counts: Tensor | None = None) -> Tensor:
+        """log p(x|z_k) for z of shape (cells, K, L); returns (cells, K). counts: x as sparse CSR, optional."""
         n, K, L = z.shape
-        x_rep = x.repeat_interleave(K, dim=0) if self.cfg.library_size else x
-        params = self.decode(z.reshape(n * K, L), x_rep)
-        params = {k: (v.reshape(n, K, -1) if v.dim() == 2 else v) for k, v in params.items()}
-        return D.log_prob(self.cfg.likelihood, x[:, None, :], params).sum(-1)
+        # decoded component-major (row k * n + i), so that the counts are K stacked copies of the minibatch
+        log_library = _log_library(x).repeat(K, 1) if self.cfg.library_size else None
+        params = self.decoder(z.transpose(0, 1).reshape(K * n, L), log_library)
+        counts = tile_rows(x if counts is None else counts, K)
+        return log_px(self.cfg.likelihood, counts, params).reshape(K, n).T
 
     def forward(self, x: Tensor, kl_weight: float = 1.0, labels: Tensor | None = None,
-                pretrain: bool = False) -> dict[str, Tensor]:
+                pretrain: bool = False, counts: Tensor | None = None) -> dict[str, Tensor]:
         """ELBO terms per cell, and the minibatch loss (negative ELBO per cell, KL weighted).
 
         pretrain=True trains it as a plain VAE: q(y|x) held uniform and p(z|y) = N(0, I) for every y.
+        counts: x as a sparse CSR tensor for the sparse-aware likelihood (as in VAE.forward).
         """
         K = self.cfg.components
         log_qy = self.y_log_probs(x)
@@ -222,12 +263,12 @@ class GMVAE(VAE):
         qy = log_qy.exp()
         mu, logvar = self.encode_z(x)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        log_px = self._log_px_per_component(x, z)                       # (cells, K)
+        log_px_k = self._log_px_per_component(x, z, counts)             # (cells, K)
         p_mu, p_logvar = self._prior()
         if pretrain:
             p_mu, p_logvar = torch.zeros_like(p_mu), torch.zeros_like(p_logvar)
         kl_zk = gaussian_kl(mu, logvar, p_mu[None], p_logvar[None])     # (cells, K)
-        log_lik = (qy * log_px).sum(-1)
+        log_lik = (qy * log_px_k).sum(-1)
         kl_z = (qy * kl_zk).sum(-1)
         kl_y = (qy * log_qy).sum(-1) + math.log(K)                      # KL(q(y|x) || uniform)
         elbo = log_lik - kl_z - kl_y
@@ -247,7 +288,7 @@ class GMVAE(VAE):
         return {"elbo": elbo, "log_lik": log_lik, "kl_z": kl_z, "kl_y": kl_y, "loss": loss,
                 "params": None, "qy": qy}
 
-    def iw_log_likelihood(self, x: Tensor, samples: int) -> Tensor:
+    def iw_log_likelihood(self, x: Tensor, samples: int, counts: Tensor | None = None) -> Tensor:
         """Importance-weighted log p(x): y summed exactly, z drawn from q(z|x,y) `samples` times per y."""
         mu, logvar = self.encode_z(x)
         p_mu, p_logvar = self._prior()
@@ -257,7 +298,7 @@ class GMVAE(VAE):
             for _ in range(s):
                 z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
                 # p(x) = sum_y E_q(z|x,y)[p(x|z) p(z|y) p(y) / q(z|x,y)]: y enumerated, not sampled
-                terms.append(self._log_px_per_component(x, z) + gaussian_log_prob(z, p_mu[None], p_logvar[None])
+                terms.append(self._log_px_per_component(x, z, counts) + gaussian_log_prob(z, p_mu[None], p_logvar[None])
                              - math.log(K) - gaussian_log_prob(z, mu, logvar))
         return torch.logsumexp(torch.cat(terms, dim=-1), dim=-1) - math.log(samples)
 

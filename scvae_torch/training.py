@@ -20,6 +20,8 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from .batches import (Source, SourceError, StreamSource, csr_nbytes, epoch_permutation,  # noqa: F401
+                      open_source, read_obs)
 from .config import ModelConfig, TrainConfig
 from .models import GMVAE, VAE, build_model
 
@@ -154,31 +156,28 @@ def kl_weight(epoch: int, warmup: int) -> float:
     return 1.0 if warmup <= 0 else min(1.0, (epoch + 1) / warmup)
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffling of epoch `epoch`: a function of (seed, epoch) only, so resuming needs no saved state."""
-    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
-
-
 TERMS = ("elbo", "log_lik", "kl_z", "kl_y")
 
 
 @torch.no_grad()
-def evaluate_terms(model: VAE, X: sp.csr_matrix, rows: np.ndarray, device: torch.device,
+def evaluate_terms(model: VAE, X: sp.csr_matrix | Source, rows: np.ndarray, device: torch.device,
                    batch_size: int = 512, iw_samples: int = 0) -> dict[str, float]:
     """Mean ELBO terms per cell over `rows`, plus the Poisson-stability statistics of the decoded rates."""
     model.eval()
+    source = open_source(X, device)
     sums = dict.fromkeys(TERMS, 0.0)
     zero_rate_sum, max_rate, iw_sum = 0.0, 0.0, 0.0
     for start in range(0, len(rows), batch_size):
-        x = minibatch(X, rows[start:start + batch_size], device)
-        out = model(x)
+        batch = source.batch(rows[start:start + batch_size])
+        x = batch.x
+        out = model(x, counts=batch.counts)
         for k in TERMS:
             sums[k] += out[k].double().sum().item()
         rate = model.decode(model.latent(x), x)["log_mean"].exp()
         zero_rate_sum += (rate * (x == 0)).double().sum().item()
         max_rate = max(max_rate, rate.max().item())
         if iw_samples:
-            iw_sum += model.iw_log_likelihood(x, iw_samples).double().sum().item()
+            iw_sum += model.iw_log_likelihood(x, iw_samples, counts=batch.counts).double().sum().item()
     n = max(len(rows), 1)
     result = {k: v / n for k, v in sums.items()}
     result.update(zero_rate_sum=zero_rate_sum / n, max_rate=max_rate)
@@ -188,12 +187,14 @@ def evaluate_terms(model: VAE, X: sp.csr_matrix, rows: np.ndarray, device: torch
 
 
 @torch.no_grad()
-def init_mixture_prior(model: GMVAE, X: sp.csr_matrix, rows: np.ndarray, device: torch.device, seed: int) -> None:
+def init_mixture_prior(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray, device: torch.device,
+                       seed: int) -> None:
     """Set p(z|y) to k-means clusters of the pre-trained latent means (means and per-dimension variances)."""
     from sklearn.cluster import KMeans
 
     model.eval()
-    Z = torch.cat([model.encode_z(minibatch(X, rows[s:s + 1024], device))[0].mean(1).cpu()
+    source = open_source(X, device)
+    Z = torch.cat([model.encode_z(source.batch(rows[s:s + 1024]).x)[0].mean(1).cpu()
                    for s in range(0, len(rows), 1024)]).double().numpy()
     K = model.cfg.components
     km = KMeans(n_clusters=K, n_init=10, random_state=seed).fit(Z)
@@ -205,6 +206,31 @@ def init_mixture_prior(model: GMVAE, X: sp.csr_matrix, rows: np.ndarray, device:
             logvars[k] = np.log(members.var(0) + 1e-4)
     model.prior_mu.copy_(torch.as_tensor(means, dtype=model.prior_mu.dtype))
     model.prior_logvar.copy_(torch.as_tensor(logvars, dtype=model.prior_logvar.dtype))
+
+
+def adam(model: VAE, tc: TrainConfig) -> torch.optim.Adam:
+    """Adam over the model's parameters; the fused (one-kernel) implementation where the device has it."""
+    kwargs = dict(lr=tc.lr, weight_decay=tc.weight_decay)
+    try:
+        return torch.optim.Adam(model.parameters(), fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # no fused kernel for this device or dtype
+        return torch.optim.Adam(model.parameters(), **kwargs)
+
+
+def compile_model(model: VAE, device: torch.device) -> bool:
+    """torch.compile the model's MLPs in place (parameter names unchanged); False, logged, where it cannot."""
+    from .models import MLP, Decoder
+
+    try:  # a tiny function first: a missing compiler tool chain fails here, not in the middle of training
+        torch.compile(lambda t: torch.nn.functional.softplus(t) * 2)(torch.ones(8, device=device))
+    except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
+        log.warning("torch.compile is unavailable here (%s: %s); training without it",
+                    type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return False
+    for child in model.children():
+        if isinstance(child, (MLP, Decoder)):
+            child.compile(dynamic=None)
+    return True
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -224,10 +250,11 @@ def _history_frame(history: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(history)
 
 
-def fit(X: sp.csr_matrix, train_idx: np.ndarray, val_idx: np.ndarray, model_config: dict | ModelConfig,
+def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, model_config: dict | ModelConfig,
         train_config: TrainConfig, out_dir: str | Path, labels: np.ndarray | None = None) -> dict:
     """Train (or resume) a model in out_dir; writes checkpoint.pt, best.pt, history.tsv, metrics.json.
 
+    X: a CSR count matrix in memory or a batch Source (e.g. a StreamSource reading the h5ad file).
     labels (integer codes per row of X) are used only by the supervised y-regularisation ablation.
     """
     out = Path(out_dir)
@@ -242,7 +269,7 @@ def fit(X: sp.csr_matrix, train_idx: np.ndarray, val_idx: np.ndarray, model_conf
         raise TrainingError("the training split is empty")
     tc = train_config
     device = resolve_device(tc.device)
-    X = X.tocsr().astype(np.float32)
+    source = open_source(X, device)
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
     label_t = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
 
@@ -251,16 +278,19 @@ def fit(X: sp.csr_matrix, train_idx: np.ndarray, val_idx: np.ndarray, model_conf
     with folder_lock(out), stop_signals() as received:
         torch.manual_seed(tc.seed)
         model = build_model(cfg).to(device)
-        optimiser = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        optimiser = adam(model, tc)
         state = _resume_state(out, cfg, model, optimiser, device)
+        compiled = tc.compile and compile_model(model, device)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bfloat16")
         epoch, batch0 = state["epoch"], state["batch"]
         history, best_val, best_epoch = state["history"], state["best_val_elbo"], state["best_epoch"]
         partial = state["partial"]
         if epoch or batch0:
             log.info("resuming %s from epoch %d, minibatch %d", out, epoch, batch0)
         n_batches = math.ceil(len(train_idx) / tc.batch_size)
-        log.info("training %s-%s on %s (%s): %d training cells, %d validation cells, %d epochs",
-                 cfg.model, cfg.likelihood, device, device_name(device), len(train_idx), len(val_idx), tc.epochs)
+        log.info("training %s-%s on %s (%s): %d training cells, %d validation cells, %d epochs; data %s; "
+                 "%s%s", cfg.model, cfg.likelihood, device, device_name(device), len(train_idx), len(val_idx),
+                 tc.epochs, source.description, tc.precision, ", compiled" if compiled else "")
         bar = tqdm(total=tc.epochs, initial=epoch, desc=f"{cfg.model}-{cfg.likelihood}", unit="epoch",
                    disable=None)
         started = time.perf_counter()
@@ -269,19 +299,20 @@ def fit(X: sp.csr_matrix, train_idx: np.ndarray, val_idx: np.ndarray, model_conf
             t0 = time.perf_counter()
             pretraining = isinstance(model, GMVAE) and epoch < tc.pretrain_epochs
             if isinstance(model, GMVAE) and tc.pretrain_epochs and epoch == tc.pretrain_epochs and batch0 == 0:
-                init_mixture_prior(model, X, train_idx, device, tc.seed)
+                init_mixture_prior(model, source, train_idx, device, tc.seed)
                 log.info("initialised p(z|y) by k-means on the pre-trained latent")
             weight = kl_weight(epoch, tc.kl_warmup)
-            perm = train_idx[epoch_permutation(len(train_idx), tc.seed, epoch)]
+            perm = source.epoch_order(train_idx, tc.seed, epoch)
             model.train()
             for b in range(batch0, n_batches):
                 rows = perm[b * tc.batch_size:(b + 1) * tc.batch_size]
                 if len(rows) < 2 and cfg.batch_norm and n_batches > 1:
                     continue  # batch norm cannot train on one cell
-                x = minibatch(X, rows, device)
+                batch = source.batch(rows)
                 y = label_t[rows].to(device) if label_t is not None else None
-                result = model(x, kl_weight=weight, labels=y, pretrain=pretraining) if isinstance(model, GMVAE) \
-                    else model(x, kl_weight=weight)
+                with autocast:  # the likelihood inside always runs in float32 (models.log_px)
+                    result = model(batch.x, kl_weight=weight, labels=y, pretrain=pretraining, counts=batch.counts) \
+                        if isinstance(model, GMVAE) else model(batch.x, kl_weight=weight, counts=batch.counts)
                 loss = result["loss"]
                 if not torch.isfinite(loss):
                     raise TrainingError(f"non-finite loss at epoch {epoch + 1}, minibatch {b + 1}: stopped; "
@@ -299,7 +330,7 @@ def fit(X: sp.csr_matrix, train_idx: np.ndarray, val_idx: np.ndarray, model_conf
             batch0 = 0
             train_terms = {k: partial.get(k, 0.0) / max(partial.get("n", 1), 1) for k in TERMS}
             partial = {}
-            val = evaluate_terms(model, X, val_idx, device, iw_samples=tc.iw_samples) if len(val_idx) else {}
+            val = evaluate_terms(model, source, val_idx, device, iw_samples=tc.iw_samples) if len(val_idx) else {}
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch + 1, "kl_weight": weight, **{f"train_{k}": v for k, v in train_terms.items()},
                    **{f"val_{k}": v for k, v in val.items()}, "seconds": seconds}
@@ -337,7 +368,8 @@ def fit(X: sp.csr_matrix, train_idx: np.ndarray, val_idx: np.ndarray, model_conf
             "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
             "seconds_per_epoch": float(np.mean([h["seconds"] for h in history])) if history else None,
             "seconds_this_run": elapsed, "epochs_this_run": epochs_run,
-            "n_train": int(len(train_idx)), "n_validation": int(len(val_idx)),
+            "n_train": int(len(train_idx)), "n_validation": int(len(val_idx)), "data_source": source.description,
+            "compiled": bool(compiled),
         }
         atomic_write_text(json.dumps(metrics, indent=2, default=float) + "\n", out / METRICS)
         return metrics
@@ -379,16 +411,34 @@ def train_dataset(data_path: str, out_dir: str, model_config: dict, train_config
     """Train (or resume) on a canonical h5ad; without a split file, a seeded default split is saved in out_dir."""
     from . import data
 
-    counts = data.load_canonical(data_path)
+    if streams(data_path, train_config):  # X stays in the file; only the cell ids and labels are read
+        try:
+            cells, cell_labels = read_obs(data_path)
+            X = StreamSource(data_path, resolve_device(train_config.device))
+        except SourceError as err:
+            raise TrainingError(str(err)) from None
+    else:
+        counts = data.load_canonical(data_path)
+        X, cells, cell_labels = counts.X, counts.cells, counts.labels
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "split.tsv"
     if split_path is None and not saved.exists():
-        data.write_split(data.make_split(counts.cells, seed=train_config.seed), str(saved))
-    subsets = data.read_split(str(split_path or saved), counts.cells)
+        data.write_split(data.make_split(cells, seed=train_config.seed), str(saved))
+    subsets = data.read_split(str(split_path or saved), cells)
     labels = None
     if model_config.get("y_regularisation") == "supervised":
-        if counts.labels is None:
+        if cell_labels is None:
             raise TrainingError(f"{data_path}: y_regularisation 'supervised' needs labels (obs['label'])")
-        labels = pd.Categorical(counts.labels).codes.astype(np.int64)
-    return fit(counts.X, subsets["train"], subsets["validation"], model_config, train_config, out, labels=labels)
+        labels = pd.Categorical(cell_labels).codes.astype(np.int64)
+    return fit(X, subsets["train"], subsets["validation"], model_config, train_config, out, labels=labels)
+
+
+def streams(data_path: str, tc: TrainConfig) -> bool:
+    """Whether training reads minibatches from the file: stream 'on', or 'auto' and X above stream_above_gb."""
+    if tc.stream != "auto":
+        return tc.stream == "on"
+    try:
+        return csr_nbytes(data_path) > tc.stream_above_gb * 2 ** 30
+    except SourceError:  # not a CSR h5ad (dense X, damaged file): the in-memory reader says what is wrong
+        return False

@@ -1,0 +1,261 @@
+"""Minibatch sources for training and evaluation: a CSR matrix in memory (on the CPU, or moved to the GPU
+once), or streamed from the canonical h5ad file in blocks of contiguous cells (out-of-core training).
+
+Every source gives, for an array of cell indices, a `Batch`: the dense float32 counts (the encoders'
+input) and the same cells as a torch sparse CSR tensor (the sparse-aware likelihood). No Python loop
+runs over cells. The order of the cells in an epoch is a function of (seed, epoch) only, so that a
+resumed run sees exactly the minibatches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+# Streaming: cells are read in blocks of this many contiguous cells; an epoch visits the blocks in a
+# seeded random order, BLOCKS_PER_CHUNK blocks at a time, with the cells of those blocks shuffled together.
+BLOCK_CELLS = 128
+BLOCKS_PER_CHUNK = 16
+# Resident on the GPU when data + indices take at most this share of its free memory.
+GPU_RESIDENT_SHARE = 0.5
+
+
+class SourceError(Exception):
+    """A count file cannot be streamed (wrong layout, unreadable); one-line message naming the file."""
+
+
+@dataclass
+class Batch:
+    """One minibatch on the device: dense counts for the encoders, sparse CSR counts for the likelihood."""
+
+    x: Tensor
+    counts: Tensor
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+class Source(Protocol):
+    """Where minibatches come from."""
+
+    shape: tuple[int, int]
+    device: torch.device
+    description: str
+
+    def epoch_order(self, rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+        """The cells of `rows` in the order epoch `epoch` visits them."""
+
+    def batch(self, rows: np.ndarray) -> Batch:
+        """The given cells (in that order) as a Batch on the device."""
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffling of epoch `epoch`: a function of (seed, epoch) only, so resuming needs no saved state."""
+    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
+
+
+def torch_csr(indptr: np.ndarray | Tensor, indices: np.ndarray | Tensor, data: np.ndarray | Tensor,
+              shape: tuple[int, int]) -> Tensor:
+    """A torch sparse CSR tensor (int64 indices, float32 values) sharing memory with numpy arrays where it can."""
+    parts = [torch.as_tensor(a) for a in (indptr, indices, data)]
+    crow, col = (p.long() for p in parts[:2])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, parts[2].float(), shape, check_invariants=False)
+
+
+def _on_device(S: sp.csr_matrix, device: torch.device) -> Batch:
+    """A host CSR slice as a Batch on the device: densified on the host for a CPU, on the GPU otherwise."""
+    if device.type == "cpu":
+        dense = torch.from_numpy(S.toarray())
+        return Batch(dense, torch_csr(S.indptr, S.indices, S.data, S.shape))
+    parts = [torch.from_numpy(np.ascontiguousarray(a)).pin_memory().to(device, non_blocking=True)
+             for a in (S.indptr.astype(np.int64), S.indices.astype(np.int64), S.data)]
+    counts = torch_csr(*parts, S.shape)
+    return Batch(counts.to_dense(), counts)
+
+
+class MemorySource:
+    """A CSR count matrix in memory; on a GPU it is moved there once when it fits, else sent per minibatch
+    from pinned memory."""
+
+    def __init__(self, X: sp.spmatrix, device: torch.device | str = "cpu", resident: bool | None = None):
+        self.device = torch.device(device)
+        X = X.tocsr()
+        if X.dtype != np.float32:
+            X = X.astype(np.float32)
+        self.X = X
+        self.shape = X.shape
+        if resident is None:
+            resident = self.device.type == "cuda" and fits_on_gpu(X.data.nbytes + 2 * X.indices.nbytes,
+                                                                  self.device)
+        self.resident = resident and self.device.type != "cpu"
+        where = "on the GPU" if self.resident else "pinned per minibatch" if self.device.type != "cpu" else "CPU"
+        self.description = f"in memory ({where}, {(X.data.nbytes + X.indices.nbytes) / 2 ** 20:.1f} MiB CSR)"
+        if self.resident:
+            self._indptr = X.indptr.astype(np.int64)
+            self._indices = torch.from_numpy(X.indices).to(self.device)
+            self._data = torch.from_numpy(X.data).to(self.device)
+
+    def epoch_order(self, rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+        """A seeded permutation of rows (the same as the in-memory training loop always used)."""
+        rows = np.asarray(rows)
+        return rows[epoch_permutation(len(rows), seed, epoch)]
+
+    def batch(self, rows: np.ndarray) -> Batch:
+        """The rows as a Batch: sliced by scipy on the host, or gathered on the GPU when resident."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not self.resident:
+            return _on_device(self.X[rows], self.device)
+        starts = self._indptr[rows]
+        lengths = self._indptr[rows + 1] - starts
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        total = int(offsets[-1])
+        dev = self.device
+        # entry j of output row r comes from entry starts[r] + j of the resident arrays
+        shift = torch.from_numpy(starts - offsets[:-1]).to(dev, non_blocking=True)
+        take = torch.repeat_interleave(shift, torch.from_numpy(lengths).to(dev, non_blocking=True),
+                                       output_size=total) + torch.arange(total, device=dev)
+        crow = torch.from_numpy(offsets).to(dev, non_blocking=True)
+        counts = torch_csr(crow, self._indices[take], self._data[take], (len(rows), self.shape[1]))
+        return Batch(counts.to_dense(), counts)
+
+
+def fits_on_gpu(nbytes: int, device: torch.device) -> bool:
+    """Whether nbytes take at most GPU_RESIDENT_SHARE of the device's free memory."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= GPU_RESIDENT_SHARE * free
+
+
+def _csr_group(path: str, f) -> "h5py.Group":
+    """The X group of an h5ad file, checked to be a CSR matrix."""
+    import h5py
+
+    X = f.get("X")
+    if not isinstance(X, h5py.Group) or X.attrs.get("encoding-type") != "csr_matrix":
+        kind = "missing" if X is None else X.attrs.get("encoding-type", "a dense array")
+        raise SourceError(f"{path}: streaming needs X stored as a CSR matrix (canonical h5ad), found {kind}")
+    for name in ("data", "indices", "indptr"):
+        if name not in X:
+            raise SourceError(f"{path}: X has no '{name}' array")
+    return X
+
+
+def csr_nbytes(path: str) -> int:
+    """Bytes the h5ad file's X would take in memory as a float32 CSR matrix (data, int32 indices, indptr)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            X = _csr_group(path, f)
+            return int(X["data"].shape[0]) * 8 + int(X["indptr"].shape[0]) * 8
+    except OSError as err:
+        raise SourceError(f"{path}: not a readable h5ad file ({err})") from None
+
+
+class StreamSource:
+    """Minibatches read from an h5ad file's CSR X (X/data, X/indices, X/indptr) without loading it.
+
+    Memory: the row offsets (8 bytes per cell) and a cache of 2 x BLOCKS_PER_CHUNK blocks of BLOCK_CELLS
+    cells, whatever the number of cells. An epoch visits blocks of contiguous cells in a seeded random
+    order, BLOCKS_PER_CHUNK blocks at a time with their cells shuffled together, so that each block is
+    read once per epoch.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu",
+                 block_cells: int = BLOCK_CELLS, blocks_per_chunk: int = BLOCKS_PER_CHUNK):
+        import h5py
+
+        self.path = os.fspath(path)
+        self.device = torch.device(device)
+        self.block_cells, self.blocks_per_chunk = block_cells, blocks_per_chunk
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as err:
+            raise SourceError(f"{self.path}: not a readable h5ad file ({err})") from None
+        X = _csr_group(self.path, self._file)
+        self._data, self._indices = X["data"], X["indices"]
+        self._indptr = X["indptr"][:].astype(np.int64)
+        shape = X.attrs.get("shape")
+        n_genes = int(shape[1]) if shape is not None else int(self._indices[:].max()) + 1
+        self.shape = (len(self._indptr) - 1, n_genes)
+        self._cache: collections.OrderedDict[int, sp.csr_matrix] = collections.OrderedDict()
+        self._cache_size = 2 * blocks_per_chunk
+        self.description = f"streamed from {self.path} (blocks of {block_cells} cells)"
+        self.blocks_read = 0
+
+    def close(self) -> None:
+        """Close the HDF5 file."""
+        self._file.close()
+
+    def epoch_order(self, rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+        """Blocks in a seeded random order, in chunks of blocks_per_chunk whose cells are shuffled together."""
+        rows = np.asarray(rows, dtype=np.int64)
+        rng = np.random.Generator(np.random.PCG64([seed, epoch]))
+        blocks = rows // self.block_cells
+        n_blocks = -(-self.shape[0] // self.block_cells)
+        position = np.empty(n_blocks, dtype=np.int64)
+        position[rng.permutation(n_blocks)] = np.arange(n_blocks)
+        chunk = position[blocks] // self.blocks_per_chunk
+        return rows[np.lexsort((rng.random(len(rows)), chunk))]
+
+    def _block(self, b: int) -> sp.csr_matrix:
+        """Block b (cells b*block_cells ...) as a CSR matrix, from the cache or the file."""
+        if b in self._cache:
+            self._cache.move_to_end(b)
+            return self._cache[b]
+        first, last = b * self.block_cells, min((b + 1) * self.block_cells, self.shape[0])
+        lo, hi = self._indptr[first], self._indptr[last]
+        try:
+            data = self._data[lo:hi].astype(np.float32, copy=False)
+            indices = self._indices[lo:hi]
+        except OSError as err:
+            raise SourceError(f"{self.path}: cannot read cells {first}-{last - 1} ({err})") from None
+        block = sp.csr_matrix((data, indices, self._indptr[first:last + 1] - lo),
+                              shape=(last - first, self.shape[1]))
+        self._cache[b] = block
+        self.blocks_read += 1
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return block
+
+    def batch(self, rows: np.ndarray) -> Batch:
+        """The rows as a Batch, read block by block (one Python step per block, none per cell)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        blocks = rows // self.block_cells
+        order = np.argsort(blocks, kind="stable")
+        ids, starts = np.unique(blocks[order], return_index=True)
+        parts = [self._block(int(b))[rows[order[s:e]] - b * self.block_cells]
+                 for b, s, e in zip(ids, starts, np.append(starts[1:], len(rows)))]
+        S = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+        S = S[np.argsort(order, kind="stable")]  # back to the order asked for
+        return _on_device(S, self.device)
+
+
+def read_obs(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Cell ids and obs['label'] (or None) of an h5ad file, without reading X."""
+    import anndata
+
+    try:
+        adata = anndata.read_h5ad(path, backed="r")
+    except Exception as err:  # h5py/anndata raise OSError, KeyError, ... for damaged files
+        raise SourceError(f"{path}: not a readable h5ad file ({type(err).__name__}: {err})") from None
+    try:
+        cells = adata.obs_names.to_numpy()
+        labels = adata.obs["label"].to_numpy(dtype=object) if "label" in adata.obs else None
+    finally:
+        adata.file.close()
+    return cells, labels
+
+
+def open_source(X: sp.spmatrix | Source, device: torch.device) -> Source:
+    """A Source for a scipy matrix (in memory), or the given Source itself."""
+    return X if hasattr(X, "batch") and hasattr(X, "epoch_order") else MemorySource(X, device)
