@@ -165,7 +165,7 @@ class StreamSource:
     """Minibatches read from an h5ad file's CSR X (X/data, X/indices, X/indptr) without loading it.
 
     Memory: the row offsets (8 bytes per cell) and a cache of 2 x BLOCKS_PER_CHUNK blocks of BLOCK_CELLS
-    cells, whatever the number of cells. An epoch visits blocks of contiguous cells in a seeded random
+    cells (more only when one minibatch spans more blocks), whatever the number of cells. An epoch visits blocks of contiguous cells in a seeded random
     order, BLOCKS_PER_CHUNK blocks at a time with their cells shuffled together, so that each block is
     read once per epoch.
     """
@@ -233,6 +233,8 @@ class StreamSource:
         blocks = rows // self.block_cells
         order = np.argsort(blocks, kind="stable")
         ids, starts = np.unique(blocks[order], return_index=True)
+        # keep this minibatch's blocks and a chunk's worth more, so that each block is read once per epoch
+        self._cache_size = max(self._cache_size, len(ids) + self.blocks_per_chunk)
         parts = [self._block(int(b))[rows[order[s:e]] - b * self.block_cells]
                  for b, s, e in zip(ids, starts, np.append(starts[1:], len(rows)))]
         S = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]

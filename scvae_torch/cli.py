@@ -337,6 +337,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=t.seed, help="random seed (split, initialisation, minibatches)")
     p.add_argument("--device", default=t.device, help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--threads", type=int, default=t.threads, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--precision", default=t.precision,
+                   help="float32, or bfloat16 autocast for the MLPs (likelihood sums stay float32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the MLPs (eager where unavailable)")
+    p.add_argument("--stream", default=t.stream,
+                   help="on: read minibatches from the h5ad file (out-of-core); off: load it; auto: on above "
+                        "--stream-above-gb")
+    p.add_argument("--stream-above-gb", type=float, default=t.stream_above_gb,
+                   help="in-memory size of the counts (GiB) above which --stream auto streams")
     p.set_defaults(func=_cmd_train)
 
 
@@ -351,7 +359,8 @@ def _model_train_configs(args: argparse.Namespace) -> tuple[dict, "object"]:
         train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             weight_decay=args.weight_decay, kl_warmup=args.kl_warmup, seed=args.seed,
                             device=args.device, checkpoint_every=args.checkpoint_every,
-                            pretrain_epochs=args.pretrain_epochs, threads=args.threads)
+                            pretrain_epochs=args.pretrain_epochs, threads=args.threads, precision=args.precision,
+                            compile=args.compile, stream=args.stream, stream_above_gb=args.stream_above_gb)
         ModelConfig(n_features=1, **model)  # validate before any data is read
     except ValueError as err:
         raise UsageError(str(err)) from None
