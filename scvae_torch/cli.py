@@ -437,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DataError) as err:
         print(f"scvae-torch {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # full disk, read-only or vanished folder: one line, outputs are written atomically
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"scvae-torch {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
     except Exception as err:
         training = sys.modules.get("scvae_torch.training")  # imported (with torch) only by train/evaluate
         if training is not None and isinstance(err, training.TrainingInterrupted):

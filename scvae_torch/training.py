@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict
@@ -28,6 +30,7 @@ from .models import GMVAE, VAE, build_model
 log = logging.getLogger("scvae_torch.training")
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before, kept for when the last one is damaged
 BEST = "best.pt"
 HISTORY = "history.tsv"
 METRICS = "metrics.json"
@@ -66,12 +69,16 @@ def device_name(device: torch.device) -> str:
 def atomic_torch_save(obj: dict, path: Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # in memory first: torch reports a full disk as an opaque RuntimeError
     try:
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+            fh.write(buffer.getbuffer())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # e.g. a full disk: name the file the user knows, not the temporary one
+        raise OSError(err.errno, f"could not write ({err.strerror})", str(path)) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -83,6 +90,8 @@ def atomic_write_text(text: str, path: Path) -> None:
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as err:  # e.g. a full disk: name the file the user knows, not the temporary one
+        raise OSError(err.errno, f"could not write ({err.strerror})", str(path)) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -91,12 +100,15 @@ def atomic_write_text(text: str, path: Path) -> None:
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     """Load a checkpoint safely (weights_only: no code is unpickled); a damaged file is a TrainingError."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as err:  # unpickling errors, truncated zip archives, foreign pickles
         raise TrainingError(f"{path}: not a readable scvae-torch checkpoint ({type(err).__name__}: "
                             f"{str(err).splitlines()[0] if str(err) else 'damaged'})") from None
+    if not isinstance(state, dict) or not {"format", "model_config", "model_state"} <= set(state):
+        raise TrainingError(f"{path}: not an scvae-torch checkpoint (a readable file without its fields)")
+    return state
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", which: str = "best") -> VAE:
@@ -377,12 +389,30 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
 
 def _resume_state(out: Path, cfg: ModelConfig, model: VAE, optimiser: torch.optim.Optimizer,
                   device: torch.device) -> dict:
-    """Restore model, optimiser and RNG from out/checkpoint.pt if there is one; else a fresh state."""
+    """Restore model, optimiser and RNG from out/checkpoint.pt (if damaged, checkpoint.prev.pt); else a fresh state."""
     fresh = {"epoch": 0, "batch": 0, "partial": {}, "history": [], "best_val_elbo": -math.inf, "best_epoch": 0}
+    for stale in out.glob(".*.tmp[0-9]*"):  # temporary files of a killed run (we hold the folder's lock)
+        stale.unlink(missing_ok=True)
     path = out / CHECKPOINT
     if not path.exists():
-        return fresh
-    state = load_checkpoint(path, device)
+        return fresh  # a checkpoint.prev.pt alone is stale: _save drops it
+    problems = []
+    for path in (out / CHECKPOINT, out / PREVIOUS):
+        try:
+            state = load_checkpoint(path, device)
+            missing = sorted({*fresh, "optimizer_state", "rng"} - set(state))
+            if missing:
+                raise TrainingError(f"{path}: not a resumable checkpoint (no {', '.join(missing)})")
+            break
+        except FileNotFoundError:
+            problems.append(f"{path}: missing")
+        except TrainingError as err:
+            problems.append(str(err))
+    else:
+        raise TrainingError("; ".join(problems) + " - no usable checkpoint; delete the folder to start afresh")
+    if problems:
+        log.warning("%s; resuming from the previous checkpoint %s (epoch %d)", problems[0], path, state["epoch"])
+        _copy_atomic(path, out / CHECKPOINT)  # so the damaged file can never be rotated into checkpoint.prev.pt
     if state.get("model_config") != cfg.to_dict():
         raise TrainingError(f"{path} holds a different model ({state.get('model_config')}); "
                             "use a new output folder or delete it")
@@ -392,17 +422,52 @@ def _resume_state(out: Path, cfg: ModelConfig, model: VAE, optimiser: torch.opti
     return {k: state[k] for k in fresh}
 
 
+def _copy_atomic(src: Path, dest: Path) -> None:
+    """Make dest the same content as src (a hard link when the file system allows), replacing it atomically."""
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links here
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _save(out: Path, model: VAE, optimiser: torch.optim.Optimizer, cfg: ModelConfig, tc: TrainConfig,
           epoch: int, batch: int, partial: dict, history: list[dict], best_val: float, best_epoch: int,
           device: torch.device) -> Path:
-    """Write the resumable checkpoint atomically; returns its path."""
-    path = out / CHECKPOINT
-    atomic_torch_save({
+    """Write the resumable checkpoint atomically, keeping the one before as checkpoint.prev.pt; returns its path.
+
+    At every moment checkpoint.pt is a complete file (the old or the new one); a failed write (full disk)
+    leaves both files as they were and is a TrainingError.
+    """
+    path, previous = out / CHECKPOINT, out / PREVIOUS
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    state = {
         "format": CHECKPOINT_FORMAT, "model_config": cfg.to_dict(), "train_config": asdict(tc),
         "model_state": model.state_dict(), "optimizer_state": optimiser.state_dict(),
         "epoch": epoch, "batch": batch, "partial": dict(partial), "history": list(history),
         "best_val_elbo": best_val, "best_epoch": best_epoch, "rng": _rng_state(device),
-    }, path)
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # in memory first: torch reports a full disk as an opaque RuntimeError
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
+        if path.exists():
+            _copy_atomic(path, previous)  # a second name: checkpoint.pt is never missing while it is rotated
+        else:
+            previous.unlink(missing_ok=True)  # from an earlier run that was started afresh
+        os.replace(tmp, path)
+    except OSError as err:
+        raise TrainingError(f"{path}: could not write the checkpoint ({err.strerror or err}); the previous "
+                            "checkpoint is unchanged, run again to resume from it") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
