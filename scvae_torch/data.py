@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import secrets
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,7 +168,7 @@ def _open_hdf5(path: str) -> Iterator[h5py.File]:
     try:
         with handle:
             yield handle
-    except (OSError, RuntimeError) as err:  # h5py reports damaged datasets / chunks this way
+    except (OSError, RuntimeError, KeyError, ValueError) as err:  # how h5py reports damaged objects and chunks
         raise _error(path, f"damaged HDF5 file, reading failed: {_short(err)}") from None
 
 
@@ -396,7 +397,7 @@ def _read_table(path: Path, header: bool) -> pd.DataFrame:
                             quoting=csv.QUOTE_NONE, compression="infer")
     except pd.errors.EmptyDataError:
         raise _error(path, "empty file") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as err:
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError, zlib.error) as err:  # zlib: damaged .gz
         raise _error(path, f"not a readable tab-separated table: {_short(err)}") from None
     return table
 
@@ -431,7 +432,7 @@ def read_mtx(path: str, labels: str | None = None, round_counts: bool = False) -
         M = scipy.io.mmread(matrix_path)
     except DataError:
         raise
-    except (ValueError, OSError, EOFError, IndexError, RuntimeError) as err:
+    except (ValueError, OSError, EOFError, IndexError, RuntimeError, zlib.error) as err:  # zlib: damaged .gz
         raise _error(matrix_path, f"not a readable Matrix Market file: {_short(err)}") from None
     M = sp.csr_matrix(M) if fmt == "array" else M
     n_rows, n_cols = M.shape
