@@ -11,8 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from scvae_torch.models import ModelConfig
-from scvae_torch.training import TrainConfig
+from scvae_torch.config import ModelConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((ROOT / "config" / "schema.yaml").read_text())

@@ -12,8 +12,8 @@ from scvae_torch.data import DataError  # noqa: E402
 from scvae_torch.training import TrainConfig, TrainingError, TrainingInterrupted, train_dataset  # noqa: E402
 
 # Settings that may change between runs without invalidating a checkpoint (more epochs continue it).
-RESUMABLE = {"epochs", "device", "checkpoint_every"}
-STATE = ("checkpoint.pt", "best.pt", "history.tsv", "metrics.json")
+RESUMABLE = {"epochs", "device", "checkpoint_every", "compile", "stream", "stream_above_gb"}
+STATE = ("checkpoint.pt", "checkpoint.prev.pt", "best.pt", "history.tsv", "metrics.json")
 
 out_dir = Path(snakemake.output[0]).parent
 out_dir.mkdir(parents=True, exist_ok=True)
