@@ -277,6 +277,15 @@ def test_paper_config_plans_with_gpu_training(tmp_path):
     assert not (work / "results").exists()
 
 
+def test_figures_set_to_null_are_skipped(tmp_path):
+    work = copy_workflow(tmp_path / "nofig")
+    config = dict(TEST_CONFIG, figures={**TEST_CONFIG["figures"], "figure2": None, "figure5": None})
+    (work / "config" / "nofig.yaml").write_text(yaml.safe_dump(config))
+    ran = job_counts(snakemake(work, "-n", "--configfile", "config/nofig.yaml").stdout)
+    assert "figure2" not in ran and "figure5" not in ran and "train_ablation" not in ran
+    assert ran["figure3"] == 1
+
+
 def test_misspelt_key_fails_before_any_job(tmp_path):
     work = copy_workflow(tmp_path / "bad")
     config = dict(TEST_CONFIG, training={**TEST_CONFIG["training"], "lerning_rate": 0.1})
