@@ -28,6 +28,16 @@ def _float32(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def bounded(t: Tensor, low: float, high: float) -> Tensor:
+    """t.clamp(low, high), same values and gradients; t itself when nothing needs clamping (the usual case).
+
+    clamp's backward masks the gradient (3-4 passes over a cells x genes tensor); one min/max pass decides
+    that no mask is needed.
+    """
+    t_min, t_max = torch.aminmax(t.detach())
+    return t if low <= t_min.item() and t_max.item() <= high else t.clamp(low, high)
+
+
 def tile_rows(counts: Tensor, times: int) -> Tensor:
     """counts (cells x genes, dense or sparse CSR) stacked `times` times: row t * cells + i is row i."""
     if counts.layout == torch.strided:
@@ -103,11 +113,11 @@ class Decoder(nn.Module):
         if self.library_size:
             # mean = library size x softmax over genes (scVI-style scaling)
             params["log_mean"] = torch.log_softmax(params["log_mean"], dim=-1) + log_library
-        params["log_mean"] = params["log_mean"].clamp(*LOG_MEAN_BOUNDS)
+        params["log_mean"] = bounded(params["log_mean"], *LOG_MEAN_BOUNDS)
         if self.per_gene_theta:
             params["log_theta"] = self.log_theta.clamp(*LOG_THETA_BOUNDS)
         elif "log_theta" in params:
-            params["log_theta"] = params["log_theta"].clamp(*LOG_THETA_BOUNDS)
+            params["log_theta"] = bounded(params["log_theta"], *LOG_THETA_BOUNDS)
         return params
 
 
