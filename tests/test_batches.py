@@ -209,3 +209,36 @@ def test_checkpoint_loads_onto_the_cpu_whatever_device_wrote_it(tmp_path):
     assert all(t.device.type == "meta" for t in state["model_state"].values())
     loaded = training.load_model(tmp_path, "cpu")
     assert next(loaded.parameters()).device.type == "cpu"
+
+
+GPU_CHECKPOINT = Path(__file__).parent / "data" / "gpu_checkpoint"
+
+
+def test_checkpoint_written_on_a_gpu_loads_and_resumes_on_the_cpu(tmp_path):
+    model = training.load_model(GPU_CHECKPOINT / "checkpoint.pt", "cpu")
+    cells = torch.from_numpy(sp.load_npz(GPU_CHECKPOINT / "cells.npz").toarray())
+    expected = torch.from_numpy(np.load(GPU_CHECKPOINT / "expected_latent.npy"))
+    torch.testing.assert_close(model.latent(cells).detach(), expected, rtol=1e-4, atol=1e-5)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes((GPU_CHECKPOINT / "checkpoint.pt").read_bytes())
+    state = load_checkpoint(GPU_CHECKPOINT / "checkpoint.pt")
+    X = _random_counts(n=100, g=200, density=0.1)
+    metrics = fit(X, np.arange(80), np.arange(80, 100), state["model_config"],
+                  TrainConfig(**{**state["train_config"], "device": "cpu", "epochs": state["epoch"] + 1}),
+                  tmp_path / "run")
+    assert metrics["epochs_trained"] == state["epoch"] + 1 and metrics["epochs_this_run"] == 1
+    assert np.isfinite(metrics["best_val_elbo"])
+
+
+@pytest.mark.parametrize("low,high", [(-30.0, 20.0), (-0.5, 0.5)])
+def test_bounded_has_the_values_and_gradients_of_clamp(low, high):
+    from scvae_torch.models import bounded
+
+    t = (torch.randn(50, 7, dtype=torch.float64) * 2).requires_grad_()
+    weights = torch.randn(50, 7, dtype=torch.float64)
+    (bounded(t, low, high) * weights).sum().backward()
+    ours = t.grad.clone()
+    t.grad = None
+    (t.clamp(low, high) * weights).sum().backward()
+    assert torch.equal(bounded(t, low, high), t.clamp(low, high))
+    assert torch.equal(ours, t.grad)
