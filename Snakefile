@@ -24,6 +24,20 @@ include: "rules/clustering.smk"
 include: "rules/figures.smk"
 
 
+# Run on the submitting host under a cluster profile: downloads need the internet (compute nodes often have
+# none), and tables and figures take seconds, less than a scheduler round trip.
+localrules:
+    download_data,
+    table1,
+    table2,
+    table3,
+    clustering_table,
+    figure2,
+    figure3,
+    figure5,
+    learning_curves,
+
+
 rule all:
     input:
         all_targets(),
