@@ -342,7 +342,8 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
             batch0 = 0
             train_terms = {k: partial.get(k, 0.0) / max(partial.get("n", 1), 1) for k in TERMS}
             partial = {}
-            val = evaluate_terms(model, source, val_idx, device, iw_samples=tc.iw_samples) if len(val_idx) else {}
+            val = evaluate_terms(model, source, val_idx, device, batch_size=tc.batch_size,  # memory as training
+                                 iw_samples=tc.iw_samples) if len(val_idx) else {}
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch + 1, "kl_weight": weight, **{f"train_{k}": v for k, v in train_terms.items()},
                    **{f"val_{k}": v for k, v in val.items()}, "seconds": seconds}
@@ -353,7 +354,8 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
             if not math.isfinite(val_elbo):
                 raise TrainingError(f"non-finite validation ELBO at epoch {epoch}: stopped; "
                                     f"the last good checkpoint in {out} is intact")
-            if val_elbo > best_val and not (isinstance(model, GMVAE) and epoch <= tc.pretrain_epochs):
+            # a GMVAE still pre-training is not a candidate for best.pt (its p(z|y) is not set), unless it never ends
+            if val_elbo > best_val and not (isinstance(model, GMVAE) and tc.pretrain_epochs >= epoch < tc.epochs):
                 best_val, best_epoch = val_elbo, epoch
                 atomic_torch_save({"format": CHECKPOINT_FORMAT, "model_config": cfg.to_dict(),
                                    "model_state": model.state_dict(), "epoch": epoch, "val_elbo": val_elbo},
