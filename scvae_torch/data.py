@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import logging
 import os
 import re
 import secrets
+import shutil
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -595,6 +597,16 @@ def write_summary(summary: dict, path: str) -> None:
     _write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
 
 
+def _check_space(path: str, nbytes: int) -> None:
+    """Refuse a write that cannot fit: on a full disk HDF5 fails with pages of errors and may crash at exit."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise OSError(errno.ENOSPC, f"not enough space to write it ({nbytes / 1e6:.1f} MB needed, "
+                                    f"{free / 1e6:.1f} MB free)", os.fspath(path))
+
+
 def write_canonical(counts: Counts, path: str) -> None:
     """Write counts as the canonical AnnData file, atomically (temp path, then rename)."""
     import anndata
@@ -602,6 +614,8 @@ def write_canonical(counts: Counts, path: str) -> None:
     X = counts.X.tocsr()
     if X.dtype != np.float32:
         X = X.astype(np.float32)
+    names = sum(len(str(n)) + 16 for n in counts.cells) + sum(len(str(n)) + 16 for n in counts.genes)
+    _check_space(path, int(1.05 * (X.data.nbytes + X.indices.nbytes + X.indptr.nbytes + names)) + (1 << 20))
     obs = pd.DataFrame(index=pd.Index(np.asarray(counts.cells, dtype=str).astype(object)))
     from anndata.utils import make_index_unique
 
