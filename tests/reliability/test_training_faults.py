@@ -10,6 +10,7 @@ import math
 import os
 import pathlib
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -310,6 +311,30 @@ def test_a_real_full_disk_tmpfs_then_more_space_resumes_identically(tmp_path, cl
         assert_same_run(cli_reference, out)
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+@FAULT
+def test_full_disk_while_prepare_writes_the_canonical_file_is_one_line(tmp_path, monkeypatch):
+    """HDF5 on a full disk prints pages of errors and can crash: `prepare` refuses up front, in one line, and an
+    existing output stays as it was. A real tmpfs when we may mount one, else a disk that reports no space."""
+    source = write_h5ad(tmp_path / "source.h5ad", counts_matrix(400, 50))
+    disk = tmp_path / "disk"
+    real = _can_mount_tmpfs(disk)
+    if real:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], check=True)
+    else:
+        disk.mkdir()
+        free = shutil.disk_usage
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: free(p)._replace(free=16384))
+    try:
+        out = disk / "counts.h5ad"
+        out.write_bytes(b"the previous output")
+        done = run_main("prepare", str(source), "--out", str(out))
+        assert_one_line_error(done, f"scvae-torch prepare: error: {out}: not enough space to write it", code=1)
+        assert out.read_bytes() == b"the previous output" and sorted(p.name for p in disk.iterdir()) == [out.name]
+    finally:
+        if real:
+            subprocess.run(["umount", str(disk)], check=True)
 
 
 # ---- damaged checkpoints ---------------------------------------------------------------------------
