@@ -7,7 +7,7 @@ Usage:
       [--device cpu|cuda] [--precision float32|bfloat16] [--compile] [--scvi-python PYTHON] [--no-scvi]
       [--elbo-check EPOCHS] [--scaling 10000,50000,200000 --scaling-batches 200]
 
-Each measurement runs in a fresh process (so that its peak resident set size, ru_maxrss, is its own) which
+Each measurement runs in a fresh process (so that its peak resident set size, VmHWM, is its own) which
 reads the h5ad file the way `scvae-torch train` does (in memory, or streamed) and trains for --epochs epochs
 on --train-cells cells (the first --max-batches minibatches' worth of them, when given: seconds per epoch
 are then scaled up to all the training cells), without validation passes. scVI (scvi-tools, same hidden
@@ -41,7 +41,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # ---- worker processes: one measurement each, a JSON line on stdout ----
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set size (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _train_rows(n_cells: int, n_train: int, seed: int) -> np.ndarray:
@@ -311,13 +316,14 @@ def main() -> None:
             p = os.path.join(workdir, f"sim_{n}x{args.genes}.h5ad")
             if not os.path.exists(p):
                 simulate(p, n, args.genes, args.sparsity, args.seed)
+            first = min(args.scaling_batches * args.batch_size, int(0.9 * n))
             for stream in (False, True):
                 r = run_job({**base, "likelihood": "nb", "path": p, "stream": stream, "epochs": 1, "max_batches": 0,
-                             "first_cells": args.scaling_batches * args.batch_size})
+                             "first_cells": first})
                 if "error" in r:
                     print(f"{n} | {'on' if stream else 'off'} | error: {r['error']}")
                     continue
-                per_batch = r["seconds_per_epoch"] / args.scaling_batches
+                per_batch = r["seconds_per_epoch"] / np.ceil(first / args.batch_size)
                 epoch = per_batch * np.ceil(0.9 * n / args.batch_size)
                 print(f"{n} | {'on' if stream else 'off'} | {per_batch * 1e3:.0f} | {epoch:.1f} | "
                       f"{r['peak_rss_mb']:.0f} | {r['load_seconds']:.1f}", flush=True)
