@@ -184,8 +184,9 @@ def test_the_base_config_and_documented_nulls_are_accepted():
 @REFUSAL
 def test_every_key_with_a_wrong_type_or_out_of_range_value_is_refused_naming_it():
     walked = {path for path, _ in keys(SCHEMA)}
-    assert {("training", "epochs"), ("datasets", "sim-sc", "simulate", "n_cells"), ("datasets", "web", "download", "url"),
-            ("figures", "figure5", "likelihood"), ("gridsearch", "resources", "gpu")} <= walked
+    assert {("training", "epochs"), ("datasets", "sim-sc", "simulate", "n_cells"),
+            ("datasets", "web", "download", "url"), ("figures", "figure5", "likelihood"),
+            ("gridsearch", "resources", "gpu")} <= walked
     refused = []
     for path, what, value in CASES:
         message = refusal(place(base_config(), path, value))

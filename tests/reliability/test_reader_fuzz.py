@@ -29,8 +29,9 @@ from scvae_torch.data import DataError
 
 pytestmark = pytest.mark.reliability
 
-FUZZ_SETTINGS = settings(max_examples=int(os.environ.get("RELIABILITY_EXAMPLES", 100)), deadline=None, print_blob=True,
-                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# RELIABILITY_EXAMPLES=1000 for a longer hunt; 100 per reader keeps the suite quick
+FUZZ_SETTINGS = settings(max_examples=int(os.environ.get("RELIABILITY_EXAMPLES", 100)), deadline=None,
+                         print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 DTYPES = ["int32", "int64", "uint16", "bool", "float32", "float64"]
 VALUE_FLAWS = ["negative", "nan", "inf", "-inf", "fraction"]

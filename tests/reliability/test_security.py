@@ -56,7 +56,8 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path,
     path = evil_checkpoint(tmp_path / "checkpoint.pt", marker, how)
     with pytest.raises(TrainingError) as caught:
         load_checkpoint(path)
-    assert str(caught.value).startswith(f"{path}: not a readable scvae-torch checkpoint") and "\n" not in str(caught.value)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: not a readable scvae-torch checkpoint") and "\n" not in message
     assert not marker.exists()
     # the payload is live: an unsafe load runs it (so the assertion above can fail)
     try:
