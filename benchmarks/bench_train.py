@@ -98,7 +98,10 @@ def worker_scvae(job: dict) -> dict:
                      compile=job["compile"], checkpoint_every=10 ** 6)
     with tempfile.TemporaryDirectory() as out:
         metrics = fit(source, rows, np.array([], dtype=np.int64), model, tc, out)
-        seconds = [h["seconds"] for h in _history(out)]
+        # with --max-batches: scaled up to the minibatches of all the training cells
+        scale = np.ceil(job["train_cells"] / job["batch_size"]) / np.ceil(len(rows) / job["batch_size"]) \
+            if job.get("max_batches") else 1.0
+        seconds = [h["seconds"] * scale for h in _history(out)]
         result = {"seconds_per_epoch": float(np.mean(seconds[1:] if len(seconds) > 1 else seconds)),
                   "epoch_seconds": seconds, "cells_per_epoch": int(len(rows)), "load_seconds": load_s,
                   "device_name": metrics["device_name"], "data_source": metrics["data_source"],
@@ -161,6 +164,8 @@ def worker_scvi(job: dict) -> dict:
                 validation_size=1 - n_train / adata.n_obs, accelerator=accelerator,
                 devices=1, early_stopping=False, enable_progress_bar=False, callbacks=[EpochTimer()],
                 plan_kwargs={"lr": job["lr"]}, logger=False, enable_checkpointing=False)
+    times = [t * np.ceil(job["train_cells"] / job["batch_size"]) / np.ceil(n_train / job["batch_size"])
+             for t in times]  # scaled up to all the training cells when --max-batches cut them
     return {"seconds_per_epoch": float(np.mean(times[1:] if len(times) > 1 else times)), "epoch_seconds": times,
             "cells_per_epoch": n_train, "scvi": scvi.__version__, "peak_rss_mb": _peak_rss_mb()}
 
