@@ -498,7 +498,11 @@ def train_dataset(data_path: str, out_dir: str, model_config: dict, train_config
         if cell_labels is None:
             raise TrainingError(f"{data_path}: y_regularisation 'supervised' needs labels (obs['label'])")
         labels = pd.Categorical(cell_labels).codes.astype(np.int64)
-    return fit(X, subsets["train"], subsets["validation"], model_config, train_config, out, labels=labels)
+    try:
+        return fit(X, subsets["train"], subsets["validation"], model_config, train_config, out, labels=labels)
+    finally:
+        if isinstance(X, StreamSource):
+            X.close()
 
 
 def streams(data_path: str, tc: TrainConfig) -> bool:
