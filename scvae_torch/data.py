@@ -404,6 +404,44 @@ def _read_table(path: Path, header: bool) -> pd.DataFrame:
     return table
 
 
+def _mmread(path: Path, fmt: str) -> sp.spmatrix | np.ndarray:
+    """Read a Matrix Market body with pandas' C parser, checking every index.
+
+    scipy's fast_matrix_market reader crashes the interpreter (segmentation fault) on some malformed
+    bodies, which no exception handler can turn into a one-line error, so only the header goes through scipy.
+    """
+    import gzip
+
+    rows, cols, entries, _, _, _ = scipy.io.mminfo(path)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as fh:
+        line = fh.readline()
+        while line.startswith("%") or not line.strip():  # header and comments, then the size line
+            line = fh.readline()
+            if not line:
+                raise ValueError("no size line")
+        try:
+            body = pd.read_csv(fh, sep=r"\s+", header=None, dtype=np.float64, engine="c").to_numpy()
+        except pd.errors.EmptyDataError:
+            body = np.zeros((0, 3 if fmt == "coordinate" else 1))
+        except (pd.errors.ParserError, ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"malformed body ({_short(err)})") from None
+    if fmt == "array":
+        if body.shape[1] != 1 or body.shape[0] != rows * cols:
+            raise ValueError(f"expected {rows * cols} values, one per line, found {body.shape[0]} lines")
+        return body[:, 0].reshape(cols, rows).T
+    if body.shape[0] != entries or (entries and body.shape[1] != 3):
+        raise ValueError(f"header promises {entries} entries of 3 numbers, body has {body.shape[0]} lines "
+                         f"of {body.shape[1] if body.ndim == 2 else 0}")
+    if entries == 0:
+        return sp.coo_matrix((rows, cols), dtype=np.float64)
+    i, j = body[:, 0], body[:, 1]
+    if not (np.all(i == np.round(i)) and np.all(j == np.round(j))
+            and i.min() >= 1 and i.max() <= rows and j.min() >= 1 and j.max() <= cols):
+        raise ValueError(f"an entry's row or column index lies outside the {rows} x {cols} matrix")
+    return sp.coo_matrix((body[:, 2], (i.astype(np.int64) - 1, j.astype(np.int64) - 1)), shape=(rows, cols))
+
+
 def read_mtx(path: str, labels: str | None = None, round_counts: bool = False) -> Counts:
     """Read Matrix Market counts: a 10x MEX folder, or NAME.counts.mtx[.gz] + NAME.genes.tsv + NAME.cells.tsv."""
     path = os.fspath(path)
@@ -431,7 +469,7 @@ def read_mtx(path: str, labels: str | None = None, round_counts: bool = False) -
         _, _, _, fmt, field, _ = scipy.io.mminfo(matrix_path)
         if field in ("pattern", "complex"):
             raise _error(matrix_path, f"Matrix Market field is '{field}'; counts need 'integer' or 'real'")
-        M = scipy.io.mmread(matrix_path)
+        M = _mmread(matrix_path, fmt)
     except DataError:
         raise
     except (ValueError, OSError, EOFError, IndexError, RuntimeError, zlib.error) as err:  # zlib: damaged .gz

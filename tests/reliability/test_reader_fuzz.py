@@ -30,8 +30,11 @@ from scvae_torch.data import DataError
 pytestmark = pytest.mark.reliability
 
 # RELIABILITY_EXAMPLES=1000 for a longer hunt; 100 per reader keeps the suite quick
+# CI tries a fixed (derandomized) set of examples, so a green run stays green; setting RELIABILITY_EXAMPLES
+# hunts with fresh random examples (that is how scipy's Matrix Market crash on malformed bodies was found).
 FUZZ_SETTINGS = settings(max_examples=int(os.environ.get("RELIABILITY_EXAMPLES", 100)), deadline=None,
-                         print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                         derandomize="RELIABILITY_EXAMPLES" not in os.environ, print_blob=True,
+                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 DTYPES = ["int32", "int64", "uint16", "bool", "float32", "float64"]
 VALUE_FLAWS = ["negative", "nan", "inf", "-inf", "fraction"]
