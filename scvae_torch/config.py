@@ -13,6 +13,14 @@ PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
 STREAMING: tuple[str, ...] = ("auto", "on", "off")
 
 
+def _from_dict(cls, values: dict, what: str):
+    """Build a settings dataclass from a dict, refusing unknown keys with one line naming them."""
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what} option(s): {', '.join(unknown)}")
+    return cls(**values)
+
+
 @dataclass
 class ModelConfig:
     """Architecture and likelihood of one model; stored in every checkpoint."""
@@ -58,11 +66,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
         """Build from a dict, refusing unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model option(s): {', '.join(unknown)}")
-        return cls(**values)
+        return _from_dict(cls, values, "model")
 
     def to_dict(self) -> dict:
         """Plain-Python form (safe for weights_only checkpoints and JSON)."""
@@ -111,8 +115,4 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         """Build from a dict, refusing unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**values)
+        return _from_dict(cls, values, "training")

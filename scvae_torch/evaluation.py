@@ -15,25 +15,25 @@ from .training import atomic_write_text, evaluate_terms, load_model, minibatch, 
 
 
 @torch.no_grad()
+def _per_cell(encode, model: VAE, X: sp.csr_matrix, rows: np.ndarray, device: torch.device | str, batch_size: int,
+              width: int) -> np.ndarray:
+    """Apply a per-cell function of the model to the given cells, in eval mode and in minibatches."""
+    model.eval()
+    device = torch.device(device)
+    parts = [encode(minibatch(X, rows[s:s + batch_size], device)).cpu() for s in range(0, len(rows), batch_size)]
+    return torch.cat(parts).numpy() if parts else np.zeros((0, width), np.float32)
+
+
 def latent_means(model: VAE, X: sp.csr_matrix, rows: np.ndarray, device: torch.device | str = "cpu",
                  batch_size: int = 1024) -> np.ndarray:
     """Latent representation (mean of q(z|x), mixed over q(y|x) for a GMVAE) of the given cells."""
-    model.eval()
-    device = torch.device(device)
-    parts = [model.latent(minibatch(X, rows[s:s + batch_size], device)).cpu()
-             for s in range(0, len(rows), batch_size)]
-    return torch.cat(parts).numpy() if parts else np.zeros((0, model.cfg.latent), np.float32)
+    return _per_cell(model.latent, model, X, rows, device, batch_size, model.cfg.latent)
 
 
-@torch.no_grad()
 def responsibilities(model: GMVAE, X: sp.csr_matrix, rows: np.ndarray, device: torch.device | str = "cpu",
                      batch_size: int = 1024) -> np.ndarray:
     """q(y|x) of a GMVAE for the given cells, shape (cells, K)."""
-    model.eval()
-    device = torch.device(device)
-    parts = [model.responsibilities(minibatch(X, rows[s:s + batch_size], device)).cpu()
-             for s in range(0, len(rows), batch_size)]
-    return torch.cat(parts).numpy() if parts else np.zeros((0, model.cfg.components), np.float32)
+    return _per_cell(model.responsibilities, model, X, rows, device, batch_size, model.cfg.components)
 
 
 @torch.no_grad()
