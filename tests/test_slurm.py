@@ -46,6 +46,8 @@ SIGNALLED_RUN = "results/models/pc/vae-poisson"
 
 if SNAKEMAKE is None:
     pytest.skip("the snakemake command is not on PATH", allow_module_level=True)
+pytest.importorskip("snakemake_executor_plugin_slurm",
+                    reason="the SLURM executor plugin is not installed (pip install -e '.[slurm]')")
 
 
 def snakemake_env() -> dict:
