@@ -13,6 +13,13 @@ PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
 STREAMING: tuple[str, ...] = ("auto", "on", "off")
 
 
+def _refuse_failed(checks: list[tuple[bool, str]]) -> None:
+    """Raise ValueError with the message of the first check that failed."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 def _from_dict(cls, values: dict, what: str):
     """Build a settings dataclass from a dict, refusing unknown keys with one line naming them."""
     unknown = sorted(set(values) - {f.name for f in fields(cls)})
@@ -59,9 +66,7 @@ class ModelConfig:
             (self.model != "gmvae" or self.components >= 1, f"components must be >= 1, got {self.components}"),
             (self.model != "gmvae" or len(self.encoder) >= 1, "a GMVAE needs at least one encoder layer"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        _refuse_failed(checks)
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
@@ -108,9 +113,7 @@ class TrainConfig:
             (self.stream in STREAMING, f"stream must be auto, on or off, got {self.stream!r}"),
             (self.stream_above_gb > 0, f"stream_above_gb must be > 0, got {self.stream_above_gb}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        _refuse_failed(checks)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -66,8 +66,11 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def atomic_torch_save(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+def atomic_torch_save(obj: dict, path: Path, before_replace: Callable[[], None] | None = None) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    before_replace runs once the new file is safely on disk, just before the rename (checkpoint rotation).
+    """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     buffer = io.BytesIO()
     torch.save(obj, buffer)  # in memory first: torch reports a full disk as an opaque RuntimeError
@@ -76,6 +79,8 @@ def atomic_torch_save(obj: dict, path: Path) -> None:
             fh.write(buffer.getbuffer())
             fh.flush()
             os.fsync(fh.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except OSError as err:  # e.g. a full disk: name the file the user knows, not the temporary one
         raise OSError(err.errno, f"could not write ({err.strerror})", str(path)) from None
@@ -446,30 +451,25 @@ def _save(out: Path, model: VAE, optimiser: torch.optim.Optimizer, cfg: ModelCon
     leaves both files as they were and is a TrainingError.
     """
     path, previous = out / CHECKPOINT, out / PREVIOUS
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     state = {
         "format": CHECKPOINT_FORMAT, "model_config": cfg.to_dict(), "train_config": asdict(tc),
         "model_state": model.state_dict(), "optimizer_state": optimiser.state_dict(),
         "epoch": epoch, "batch": batch, "partial": dict(partial), "history": list(history),
         "best_val_elbo": best_val, "best_epoch": best_epoch, "rng": _rng_state(device),
     }
-    buffer = io.BytesIO()
-    torch.save(state, buffer)  # in memory first: torch reports a full disk as an opaque RuntimeError
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(buffer.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
+
+    def rotate() -> None:
         if path.exists():
             _copy_atomic(path, previous)  # a second name: checkpoint.pt is never missing while it is rotated
         else:
             previous.unlink(missing_ok=True)  # from an earlier run that was started afresh
-        os.replace(tmp, path)
+
+    try:
+        atomic_torch_save(state, path, before_replace=rotate)
     except OSError as err:
-        raise TrainingError(f"{path}: could not write the checkpoint ({err.strerror or err}); the previous "
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise TrainingError(f"{path}: could not write the checkpoint ({reason}); the previous "
                             "checkpoint is unchanged, run again to resume from it") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

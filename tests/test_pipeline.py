@@ -21,29 +21,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from workflow_copy import copy_workflow
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW = ["Snakefile", "rules", "workflow_scripts", "config", "envs", "report"]
 SNAKEMAKE = shutil.which("snakemake")
 TEST_CONFIG = yaml.safe_load((ROOT / "config" / "test.yaml").read_text())
 LIKELIHOODS = ["poisson", "nb", "zip", "zinb"]
 
 if SNAKEMAKE is None:
     pytest.skip("the snakemake command is not on PATH", allow_module_level=True)
-
-
-def copy_workflow(dest: Path) -> Path:
-    """A fresh copy of the workflow (no results) in dest."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
 
 
 def snakemake(cwd: Path, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:

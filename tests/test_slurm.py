@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from workflow_copy import copy_workflow
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW = ["Snakefile", "rules", "workflow_scripts", "config", "envs", "report", "profiles"]
 SNAKEMAKE = shutil.which("snakemake")
 TRAINING_RULES = ("train_final", "train_ablation")
 SIGNAL_EPOCHS = 40
@@ -52,18 +52,6 @@ pytest.importorskip("snakemake_executor_plugin_slurm",
 
 def snakemake_env() -> dict:
     return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-
-
-def copy_workflow(dest: Path) -> Path:
-    """A fresh copy of the workflow and its profiles (no results) in dest."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
 
 
 def job_blocks(output: str, rule: str) -> list[str]:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from workflow_copy import copy_workflow
 
 from reliability_support import FAULT, GUARANTEE, ROOT, cases, python_env, same_weights
 
@@ -26,7 +27,6 @@ SNAKEMAKE = shutil.which("snakemake")
 if SNAKEMAKE is None:
     pytest.skip("the snakemake command is not on PATH", allow_module_level=True)
 
-WORKFLOW = ["Snakefile", "rules", "workflow_scripts", "config", "envs", "report"]
 CONFIG = {
     "datasets": {"sc": {"simulate": {"kind": "single-cell", "n_cells": 300, "n_genes": 40, "n_types": 3, "seed": 0}}},
     "training": {"epochs": 4, "lr": 0.003, "checkpoint_every": 1, "device": "cpu", "resources": {"threads": 1}},
@@ -43,13 +43,7 @@ TIMING = ("seconds", "time", "runtime", "s_per", "elapsed")  # columns or keys t
 
 def workflow_copy(dest: Path) -> Path:
     """A fresh copy of the workflow with the reduced config in config/reliability.yaml."""
-    dest.mkdir(parents=True)
-    for name in WORKFLOW:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
+    copy_workflow(dest)
     (dest / "config" / "reliability.yaml").write_text(yaml.safe_dump(CONFIG))
     return dest
 
