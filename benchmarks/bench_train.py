@@ -88,7 +88,7 @@ def worker_scvae(job: dict) -> dict:
 
             def batch(self, r):
                 b = memory.batch(r)
-                return Batch(b.x, b.x)
+                return Batch(b.x)
 
         source = DenseCounts()
     model = dict(model=job["model"], likelihood=job["likelihood"], encoder=job["encoder"],

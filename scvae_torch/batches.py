@@ -34,13 +34,21 @@ class SourceError(Exception):
 
 @dataclass
 class Batch:
-    """One minibatch on the device: dense counts for the encoders, sparse CSR counts for the likelihood."""
+    """One minibatch on the device as a torch sparse CSR tensor (dense only where a caller asks for `x`).
 
-    x: Tensor
+    The models take the sparse tensor directly: the encoders densify it themselves (log1p applied to the
+    stored values only) and the likelihood stays sparse-aware.
+    """
+
     counts: Tensor
 
+    @property
+    def x(self) -> Tensor:
+        """The counts as a dense tensor."""
+        return self.counts if self.counts.layout == torch.strided else self.counts.to_dense()
+
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return self.counts.shape[0]
 
 
 class Source(Protocol):
@@ -73,14 +81,12 @@ def torch_csr(indptr: np.ndarray | Tensor, indices: np.ndarray | Tensor, data: n
 
 
 def _on_device(S: sp.csr_matrix, device: torch.device) -> Batch:
-    """A host CSR slice as a Batch on the device: densified on the host for a CPU, on the GPU otherwise."""
+    """A host CSR slice as a Batch on the device (from pinned memory when that is a GPU)."""
     if device.type == "cpu":
-        dense = torch.from_numpy(S.toarray())
-        return Batch(dense, torch_csr(S.indptr, S.indices, S.data, S.shape))
+        return Batch(torch_csr(S.indptr, S.indices, S.data, S.shape))
     parts = [torch.from_numpy(np.ascontiguousarray(a)).pin_memory().to(device, non_blocking=True)
              for a in (S.indptr.astype(np.int64), S.indices.astype(np.int64), S.data)]
-    counts = torch_csr(*parts, S.shape)
-    return Batch(counts.to_dense(), counts)
+    return Batch(torch_csr(*parts, S.shape))
 
 
 class MemorySource:
@@ -125,8 +131,7 @@ class MemorySource:
         take = torch.repeat_interleave(shift, torch.from_numpy(lengths).to(dev, non_blocking=True),
                                        output_size=total) + torch.arange(total, device=dev)
         crow = torch.from_numpy(offsets).to(dev, non_blocking=True)
-        counts = torch_csr(crow, self._indices[take], self._data[take], (len(rows), self.shape[1]))
-        return Batch(counts.to_dense(), counts)
+        return Batch(torch_csr(crow, self._indices[take], self._data[take], (len(rows), self.shape[1])))
 
 
 def fits_on_gpu(nbytes: int, device: torch.device) -> bool:

@@ -196,40 +196,13 @@ def _nonzero_correction(
     return torch.where(x == 0, torch.zeros_like(correction), correction)  # explicitly stored zeros
 
 
-def _gene_sum(values: Tensor, weight: Tensor) -> Tensor:
-    """sum_g weight * values over the last axis; a matrix-vector product when weight is per gene."""
-    if weight.dim() == 1:
-        return values @ weight
-    return (values * weight).sum(-1)
-
-
-def _nb_zero_parts(log_mean: Tensor, log_theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """t = log(mu / theta), softplus(t) and theta: the pieces of log NB(0) = -theta softplus(t)."""
-    t = log_mean - log_theta
-    return t, _softplus(t), torch.exp(log_theta)
-
-
-def _nb_zero_grads(
-    weight: Tensor, t: Tensor, sp: Tensor, theta: Tensor, theta_shape: torch.Size
-) -> tuple[Tensor, Tensor]:
-    """Gradients of sum weight * log NB(0) w.r.t. log_mean and log_theta (weight: cells x genes or x 1)."""
-    # With b = -theta softplus(t), t = log mu - log theta:
-    #   db/dlog mu = -theta sigmoid(t),   db/dlog theta = -theta softplus(t) + theta sigmoid(t).
-    sig = torch.sigmoid(t)
-    if theta.dim() == 1 and weight.shape[-1] == 1:
-        grad_log_theta = theta * (weight[:, 0] @ sig - weight[:, 0] @ sp)
-    else:
-        grad_log_theta = ((sig - sp) * weight * theta).sum_to_size(theta_shape)
-    grad_log_mean = sig.mul_(theta).mul_(weight).neg_()
-    return grad_log_mean, grad_log_theta
-
-
 class _FusedSparseParts(torch.autograd.Function):
     """Per-cell sum_g log p(0) and the parameters taken at the stored entries, in one autograd node.
 
-    Autograd would keep ~3x as many cells x genes temporaries (and passes over them) for the x = 0
-    sums as their closed-form derivatives need, and would scatter the gradient of each gathered
-    parameter into a fresh zero tensor before adding it; here it is added in place.
+    The forward pass computes the element-wise derivatives of log p(0) while its pieces are at hand, so
+    the backward pass only multiplies them by the per-cell gradient (no transcendental is evaluated
+    twice), and the gradient of each gathered
+    parameter is added in place rather than scattered into a fresh zero tensor.
     """
 
     @staticmethod
@@ -249,55 +222,63 @@ class _FusedSparseParts(torch.autograd.Function):
         logit_pi = None if logit_pi is None else logit_pi.contiguous()
         flat = rows * log_mean.shape[1] + cols
         theta_per_entry = log_theta is not None and log_theta.shape == log_mean.shape
-        saved: tuple[Tensor, ...]
-        if likelihood == "poisson":
-            mu = torch.exp(log_mean)
-            zero_sum, saved = -mu.sum(-1), (mu,)
-        elif likelihood == "nb":
-            t, sp, theta = _nb_zero_parts(log_mean, log_theta)
-            zero_sum, saved = -_gene_sum(sp, theta), (t, sp, theta)
-        else:  # zero-inflated: log p(0) = log(pi + (1 - pi) p_base(0))
-            if likelihood == "zip":
-                base = torch.exp(log_mean).neg_()  # log Poisson(0) = -mu
-                saved = (base,)
-            else:
-                t, sp, theta = _nb_zero_parts(log_mean, log_theta)
-                base, saved = sp * -theta, (t, sp, theta)
-            log_pi = _softplus(-logit_pi).neg_()
-            log_base = _softplus(logit_pi).neg_().add_(base)  # log(1 - pi) + log p_base(0)
-            log_p0 = torch.logaddexp(log_pi, log_base)
-            zero_sum, saved = log_p0.sum(-1), (log_pi, log_base, log_p0, *saved)
-        taken = [log_mean.reshape(-1).index_select(0, flat)]
+        taken = [torch.take(log_mean, flat)]
         if log_theta is not None:
-            taken.append(log_theta.reshape(-1).index_select(0, flat if theta_per_entry else cols))
+            taken.append(torch.take(log_theta, flat if theta_per_entry else cols))
         if logit_pi is not None:
-            taken.append(logit_pi.reshape(-1).index_select(0, flat))
-        ctx.likelihood, ctx.theta_per_entry = likelihood, theta_per_entry
-        ctx.theta_shape = None if log_theta is None else log_theta.shape
-        ctx.save_for_backward(flat, cols, *saved)
+            taken.append(torch.take(logit_pi, flat))
+
+        # Base distribution: s = log p_base(0) and d_mean = ds/dlog mu (derivatives only when needed).
+        grads = any(ctx.needs_input_grad[3:])
+        theta = sp = d_mean = d_logit = None
+        if likelihood in ("poisson", "zip"):
+            s = torch.exp(log_mean).neg_()  # log Poisson(0) = -mu = ds/dlog mu
+        else:
+            # NB: s = -theta softplus(t), t = log mu - log theta; ds/dlog mu = -theta sigmoid(t),
+            # ds/dlog theta = theta (sigmoid(t) - softplus(t)).
+            theta = torch.exp(log_theta)
+            t = log_mean - log_theta
+            sp = _softplus(t)
+            d_mean = t.sigmoid_().mul_(theta.neg()) if grads else None
+        if likelihood == "poisson":
+            zero_sum, d_mean = s.sum(-1), s
+        elif likelihood == "nb":  # sum_g -theta softplus(t): a matrix-vector product when theta is per gene
+            zero_sum = (sp @ theta if theta.dim() == 1 else (sp * theta).sum(-1)).neg_()
+        else:
+            # Zero-inflated: r = log(pi + (1 - pi) e^s) = logaddexp(a, s) - softplus(a), a = logit pi.
+            #   dr/ds = w := e^s / (e^a + e^s),   dr/da = sigmoid(a - s) - sigmoid(a) = (1 - pi) - w.
+            if likelihood == "zinb":
+                s = sp * theta.neg()
+            spa = _softplus(logit_pi)
+            lse = torch.logaddexp(logit_pi, s)
+            zero_sum = lse.sum(-1) - spa.sum(-1)
+            if grads:
+                w = torch.sub(s, lse, out=lse).exp_()
+                d_logit = spa.neg_().exp_().sub_(w)  # 1 - pi = exp(-softplus(a))
+                if likelihood == "zip":
+                    d_mean = s.mul_(w)
+                else:
+                    d_mean.mul_(w)
+                    sp.mul_(w)  # dr/dlog theta = w theta (sigmoid(t) - softplus(t)) = -d_mean - theta w sp
+        ctx.theta_per_entry = theta_per_entry
+        if grads:
+            ctx.save_for_backward(flat, cols, d_mean, d_logit, sp, theta)
         return (zero_sum, *taken)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor, *grad_taken: Tensor) -> tuple[Tensor | None, ...]:
-        flat, cols, *saved = ctx.saved_tensors
-        likelihood = ctx.likelihood
-        grad_log_theta = grad_logit = None
-        if likelihood == "poisson":
-            grad_log_mean = saved[0] * -grad[:, None]  # d(-mu)/dlog mu = -mu
-        elif likelihood == "nb":
-            grad_log_mean, grad_log_theta = _nb_zero_grads(grad[:, None], *saved, ctx.theta_shape)
-        else:
-            log_pi, log_base, log_p0, *base_saved = saved
-            # r = log(pi + (1-pi) p0): dr/dlog p0 = w := (1-pi) p0 / (pi + (1-pi) p0), and
-            # dr/dlogit pi = pi (1-pi) (1-p0) / (pi + (1-pi) p0) = (1 - pi) - w, 1 - pi = -expm1(log pi).
-            weight = (log_base - log_p0).exp_()
-            grad_logit = torch.expm1(log_pi).neg_().sub_(weight).mul_(grad[:, None])
-            weight.mul_(grad[:, None])
-            if likelihood == "zip":
-                grad_log_mean = base_saved[0] * weight  # d(-mu)/dlog mu = -mu
+        flat, cols, d_mean, d_logit, sp, theta = ctx.saved_tensors
+        g = grad[:, None]
+        grad_log_theta = None
+        if theta is not None:
+            if ctx.theta_per_entry:
+                grad_log_theta = torch.mul(sp, theta).add_(d_mean).neg_().mul_(g)
             else:
-                grad_log_mean, grad_log_theta = _nb_zero_grads(weight, *base_saved, ctx.theta_shape)
+                grad_log_theta = (grad @ sp).mul_(theta.reshape(-1)).add_(grad @ d_mean).neg_()
+                grad_log_theta = grad_log_theta.reshape(theta.shape)
+        grad_log_mean = d_mean * g
+        grad_logit = None if d_logit is None else d_logit * g
         # Gradients of the gathered parameters, added where they were taken from.
         grad_taken = list(grad_taken)
         grad_log_mean.view(-1).index_add_(0, flat, grad_taken.pop(0))
@@ -329,7 +310,7 @@ def _gather(p: Tensor, rows: Tensor, cols: Tensor, shape: torch.Size) -> Tensor:
     return p.reshape(-1).index_select(0, rows * shape[1] + cols)
 
 
-def _sparse_entries(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def sparse_entries(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(row offsets, rows, cols, values) of the stored entries of a 2-D sparse CSR or COO tensor."""
     if x.layout == torch.sparse_csr:
         offsets = x.crow_indices().long()
@@ -367,7 +348,7 @@ def log_prob_cells(likelihood: str, x: Tensor, params: dict[str, Tensor]) -> Ten
     if x.layout == torch.strided:
         return _LOG_PROB[likelihood](x.to(args[0].dtype), *args).sum(-1)
 
-    offsets, rows, cols, values = _sparse_entries(x)
+    offsets, rows, cols, values = sparse_entries(x)
     log_theta = named.get("log_theta")
     theta_per_gene = log_theta is not None and log_theta.shape in ((shape[1],), (1, shape[1]))
     fused = all(a.shape == shape for name, a in named.items() if name != "log_theta") and (

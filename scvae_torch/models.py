@@ -122,8 +122,24 @@ class Decoder(nn.Module):
 
 
 def _log_library(x: Tensor) -> Tensor:
-    """log of each cell's total count (at least 1), shape (cells, 1)."""
-    return torch.log(x.sum(-1, keepdim=True).clamp_min(1.0))
+    """log of each cell's total count (at least 1), shape (cells, 1); x dense or sparse CSR."""
+    if x.layout == torch.strided:
+        total = x.sum(-1, keepdim=True)
+    else:
+        offsets, _, _, values = D.sparse_entries(x)
+        total = torch.segment_reduce(values, "sum", offsets=offsets)[:, None]
+    return torch.log(total.clamp_min(1.0))
+
+
+def encoder_input(x: Tensor, log1p: bool) -> Tensor:
+    """The encoders' dense input: x or log(1 + x); a sparse CSR x is densified here, log1p taken of its
+    stored values only (log1p(0) = 0), which costs a third of densifying and then taking log1p."""
+    if x.layout == torch.strided:
+        return torch.log1p(x) if log1p else x
+    _, rows, cols, values = D.sparse_entries(x)
+    dense = torch.zeros(x.shape, dtype=values.dtype, device=values.device)
+    return dense.view(-1).index_add_(0, rows * x.shape[1] + cols, torch.log1p(values) if log1p else values) \
+        .view(x.shape)
 
 
 class VAE(nn.Module):
@@ -138,7 +154,7 @@ class VAE(nn.Module):
         self.decoder = Decoder(cfg)
 
     def _input(self, x: Tensor) -> Tensor:
-        return torch.log1p(x) if self.cfg.log1p_input else x
+        return encoder_input(x, self.cfg.log1p_input)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and log-variance of q(z|x)."""
@@ -157,8 +173,8 @@ class VAE(nn.Module):
                 counts: Tensor | None = None) -> dict[str, Tensor]:
         """ELBO terms per cell, and the minibatch loss (negative ELBO per cell, KL weighted).
 
-        x is the dense encoder input; counts, the same cells as a sparse CSR tensor, makes the likelihood
-        sparse-aware (same values; default: x itself).
+        x: the counts, dense or a sparse CSR tensor (which makes the likelihood sparse-aware: same values);
+        counts, the same cells as a sparse CSR tensor, does that for a dense x (default: x itself).
         """
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()

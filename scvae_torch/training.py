@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import io
 import json
@@ -50,6 +51,22 @@ class TrainingInterrupted(Exception):
         super().__init__(f"stopped by signal {signal.Signals(signum).name}; checkpoint written to {path}, "
                          "run again to resume")
         self.signum = signum
+
+
+def reuse_freed_memory() -> None:
+    """On glibc, keep freed memory in the process for reuse instead of handing it back to the system.
+
+    Each minibatch allocates and frees dozens of cells x genes tensors (14 MB each for 128 cells of the
+    MB-20k shape). glibc serves blocks that large with fresh mmap() pages and unmaps them on free, so every
+    new tensor page-faults all its pages in again (6,600 faults per NB minibatch, about 10% of the time).
+    No effect where the C library is not glibc. Process-wide; peak memory is unchanged (measured).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free memory at the heap's top
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap too, where freed ones are reused
+    except (OSError, AttributeError):
+        pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -211,7 +228,7 @@ def init_mixture_prior(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray
 
     model.eval()
     source = open_source(X, device)
-    Z = torch.cat([model.encode_z(source.batch(rows[s:s + 1024]).x)[0].mean(1).cpu()
+    Z = torch.cat([model.encode_z(source.batch(rows[s:s + 1024]).counts)[0].mean(1).cpu()
                    for s in range(0, len(rows), 1024)]).double().numpy()
     K = model.cfg.components
     km = KMeans(n_clusters=K, n_init=10, random_state=seed).fit(Z)
@@ -292,6 +309,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
 
     if tc.threads:
         torch.set_num_threads(tc.threads)  # small models run fastest with few threads; never oversubscribe
+    reuse_freed_memory()
     with folder_lock(out), stop_signals() as received:
         torch.manual_seed(tc.seed)
         model = build_model(cfg).to(device)
@@ -328,8 +346,8 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                 batch = source.batch(rows)
                 y = label_t[rows].to(device) if label_t is not None else None
                 with autocast:  # the likelihood inside always runs in float32 (models.log_px)
-                    result = model(batch.x, kl_weight=weight, labels=y, pretrain=pretraining, counts=batch.counts) \
-                        if isinstance(model, GMVAE) else model(batch.x, kl_weight=weight, counts=batch.counts)
+                    result = model(batch.counts, kl_weight=weight, labels=y, pretrain=pretraining) \
+                        if isinstance(model, GMVAE) else model(batch.counts, kl_weight=weight)
                 loss = result["loss"]
                 if not torch.isfinite(loss):
                     raise TrainingError(f"non-finite loss at epoch {epoch + 1}, minibatch {b + 1}: stopped; "
