@@ -196,40 +196,44 @@ def _nonzero_correction(
     return torch.where(x == 0, torch.zeros_like(correction), correction)  # explicitly stored zeros
 
 
-class _FusedSparseParts(torch.autograd.Function):
-    """Per-cell sum_g log p(0) and the parameters taken at the stored entries, in one autograd node.
+def _lgamma_digamma_theta(log_theta: Tensor, grads: bool) -> tuple[Tensor, Tensor | None]:
+    """log Gamma(theta) and (when grads) digamma(theta), in float64."""
+    theta = torch.exp(_wide(log_theta))
+    return torch.lgamma(theta), torch.digamma(theta) if grads else None
 
-    The forward pass computes the element-wise derivatives of log p(0) while its pieces are at hand, so
-    the backward pass only multiplies them by the per-cell gradient (no transcendental is evaluated
-    twice), and the gradient of each gathered
-    parameter is added in place rather than scattered into a fresh zero tensor.
+
+class _SparseLogProb(torch.autograd.Function):
+    """Per-cell log p(x) for a sparse minibatch and the decoder's parameter shapes, in one autograd node.
+
+    log p(x) = sum_g log p(0) + sum over stored entries of c(x) = log p(x) - log p(0). The forward pass
+    computes the element-wise derivatives of both parts in closed form while their pieces are at hand, so
+    the backward pass only scales them by the per-cell gradient and adds the entries' part in place: no
+    transcendental is evaluated twice and autograd keeps no graph of small per-entry operations.
     """
 
     @staticmethod
     def forward(
         ctx,
         likelihood: str,
+        offsets: Tensor,
         rows: Tensor,
         cols: Tensor,
+        values: Tensor,
         log_mean: Tensor,
         log_theta: Tensor | None,
         logit_pi: Tensor | None,
-    ) -> tuple[Tensor, ...]:
+    ) -> Tensor:
         # Contiguous inputs make every cells x genes temporary (and so every gradient) contiguous too,
         # so that the in-place index_add_ through .view(-1) in backward is valid.
         log_mean = log_mean.contiguous()
         log_theta = None if log_theta is None else log_theta.contiguous()
         logit_pi = None if logit_pi is None else logit_pi.contiguous()
+        grads = any(ctx.needs_input_grad[5:])
         flat = rows * log_mean.shape[1] + cols
         theta_per_entry = log_theta is not None and log_theta.shape == log_mean.shape
-        taken = [torch.take(log_mean, flat)]
-        if log_theta is not None:
-            taken.append(torch.take(log_theta, flat if theta_per_entry else cols))
-        if logit_pi is not None:
-            taken.append(torch.take(logit_pi, flat))
+        theta_index = flat if theta_per_entry else cols
 
-        # Base distribution: s = log p_base(0) and d_mean = ds/dlog mu (derivatives only when needed).
-        grads = any(ctx.needs_input_grad[3:])
+        # ---- x = 0 part, dense: s = log p_base(0), d_mean = ds/dlog mu ----
         theta = sp = d_mean = d_logit = None
         if likelihood in ("poisson", "zip"):
             s = torch.exp(log_mean).neg_()  # log Poisson(0) = -mu = ds/dlog mu
@@ -260,34 +264,85 @@ class _FusedSparseParts(torch.autograd.Function):
                 else:
                     d_mean.mul_(w)
                     sp.mul_(w)  # dr/dlog theta = w theta (sigmoid(t) - softplus(t)) = -d_mean - theta w sp
-        ctx.theta_per_entry = theta_per_entry
+
+        # ---- stored entries: c(x) = log p(x) - log p(0) and its derivatives e_mean, e_theta, e_logit ----
+        x = values.to(log_mean.dtype)
+        lm = torch.take(log_mean, flat)
+        e_mean = e_theta = e_logit = None
+        if likelihood in ("poisson", "zip"):
+            c = x * lm - torch.lgamma(x + 1)
+            e_mean = x
+            base_p0 = None
+        else:
+            lt = torch.take(log_theta, theta_index)
+            if theta_per_entry:
+                lg_theta, dg_theta = _lgamma_digamma_theta(lt, grads)
+            else:
+                lg_theta, dg_theta = (None if v is None else v.reshape(-1).index_select(0, cols)
+                                      for v in _lgamma_digamma_theta(log_theta, grads))
+            # log Gamma(x + theta) - log Gamma(theta) in float64: each term is ~ theta log theta, their
+            # difference ~ x log theta; float32 rounding would not cancel at large theta.
+            theta_e, x_wide = torch.exp(_wide(lt)), _wide(x)
+            u = lt - lm  # log(theta / mu): x log(mu / (theta + mu)) = -x softplus(u)
+            sp_u = _softplus(u)
+            c = (torch.lgamma(x_wide + theta_e) - lg_theta).to(x.dtype) - torch.lgamma(x + 1) - x * sp_u
+            if grads:
+                sig_u = torch.sigmoid(u)
+                e_mean = x * sig_u
+                e_theta = ((torch.digamma(x_wide + theta_e) - dg_theta) * theta_e).to(x.dtype) - e_mean
+            if likelihood == "zinb":
+                theta_e = theta_e.to(x.dtype)
+                sp_t = _softplus(-u)  # not softplus(u) - u: that cancels catastrophically for theta >> mu
+                base_p0 = -theta_e * sp_t
+        if likelihood in ("zip", "zinb"):
+            # For x > 0: c = c_base - softplus(v), v = logit pi - log p_base(0)
+            #   (log[(1-pi) p(x)] - log[pi + (1-pi) p(0)] = c_base - log(1 + pi / ((1-pi) p_base(0)))).
+            if likelihood == "zip":
+                mu = torch.exp(lm)
+                base_p0 = -mu
+            v = torch.take(logit_pi, flat) - base_p0
+            c = c - _softplus(v)
+            if grads:
+                sig_v = torch.sigmoid(v)
+                e_logit = -sig_v
+                if likelihood == "zip":
+                    e_mean = x - sig_v * mu  # dlog p_base(0)/dlog mu = -mu
+                else:
+                    # dlog p_base(0)/dlog mu = -theta sigmoid(t), /dlog theta = theta (sigmoid(t) - softplus(t))
+                    sig_t = torch.sigmoid(-u)  # not 1 - sigmoid(u), which cancels for theta >> mu
+                    e_mean = e_mean - sig_v * theta_e * sig_t
+                    e_theta = e_theta + sig_v * theta_e * (sig_t - sp_t)
+        stored_zero = x == 0  # explicitly stored zeros contribute nothing
+        if bool(stored_zero.any()):
+            keep = (~stored_zero).to(x.dtype)
+            c = c * keep
+            e_mean, e_theta, e_logit = (None if e is None else e * keep for e in (e_mean, e_theta, e_logit))
+        # Per-row sums straight from the CSR offsets (deterministic, also on CUDA).
+        total = zero_sum + torch.segment_reduce(c, "sum", offsets=offsets)
         if grads:
-            ctx.save_for_backward(flat, cols, d_mean, d_logit, sp, theta)
-        return (zero_sum, *taken)
+            ctx.theta_per_entry = theta_per_entry
+            ctx.save_for_backward(rows, flat, theta_index, d_mean, d_logit, sp, theta, e_mean, e_theta, e_logit)
+        return total
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor, *grad_taken: Tensor) -> tuple[Tensor | None, ...]:
-        flat, cols, d_mean, d_logit, sp, theta = ctx.saved_tensors
-        g = grad[:, None]
-        grad_log_theta = None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        rows, flat, theta_index, d_mean, d_logit, sp, theta, e_mean, e_theta, e_logit = ctx.saved_tensors
+        g, g_entry = grad[:, None], grad.index_select(0, rows)
+        grad_log_theta = grad_logit = None
         if theta is not None:
             if ctx.theta_per_entry:
                 grad_log_theta = torch.mul(sp, theta).add_(d_mean).neg_().mul_(g)
             else:
                 grad_log_theta = (grad @ sp).mul_(theta.reshape(-1)).add_(grad @ d_mean).neg_()
                 grad_log_theta = grad_log_theta.reshape(theta.shape)
+            grad_log_theta.view(-1).index_add_(0, theta_index, e_theta * g_entry)
         grad_log_mean = d_mean * g
-        grad_logit = None if d_logit is None else d_logit * g
-        # Gradients of the gathered parameters, added where they were taken from.
-        grad_taken = list(grad_taken)
-        grad_log_mean.view(-1).index_add_(0, flat, grad_taken.pop(0))
-        if grad_log_theta is not None:
-            index = flat if ctx.theta_per_entry else cols
-            grad_log_theta.view(-1).index_add_(0, index, grad_taken.pop(0))
-        if grad_logit is not None:
-            grad_logit.view(-1).index_add_(0, flat, grad_taken.pop(0))
-        return None, None, None, grad_log_mean, grad_log_theta, grad_logit
+        grad_log_mean.view(-1).index_add_(0, flat, e_mean * g_entry)
+        if d_logit is not None:
+            grad_logit = d_logit * g
+            grad_logit.view(-1).index_add_(0, flat, e_logit * g_entry)
+        return None, None, None, None, None, grad_log_mean, grad_log_theta, grad_logit
 
 
 def _broadcasts_to(small: torch.Size, shape: torch.Size) -> bool:
@@ -355,12 +410,11 @@ def log_prob_cells(likelihood: str, x: Tensor, params: dict[str, Tensor]) -> Ten
         log_theta is None or theta_per_gene or log_theta.shape == shape
     )
     if fused:  # the decoder's shapes
-        zero_sum, *taken = _FusedSparseParts.apply(
-            likelihood, rows, cols, named["log_mean"], log_theta, named.get("logit_pi")
+        return _SparseLogProb.apply(
+            likelihood, offsets, rows, cols, values, named["log_mean"], log_theta, named.get("logit_pi")
         )
-    else:
-        zero_sum = torch.broadcast_to(_log_p0(likelihood, args), shape).sum(-1)
-        taken = [_gather(a, rows, cols, shape) for a in args]
+    zero_sum = torch.broadcast_to(_log_p0(likelihood, args), shape).sum(-1)
+    taken = [_gather(a, rows, cols, shape) for a in args]
     # log Gamma(theta) once per gene rather than once per stored entry.
     lgamma_theta = _lgamma_theta(log_theta).reshape(-1).index_select(0, cols) if theta_per_gene else None
     correction = _nonzero_correction(likelihood, values.to(args[0].dtype), taken, lgamma_theta)

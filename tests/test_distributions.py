@@ -378,6 +378,42 @@ def test_sparse_aware_equals_dense_values_and_gradients(likelihood, theta, layou
         torch.testing.assert_close(sparse_grads[name], dense_grads[name], rtol=1e-9, atol=1e-10)
 
 
+def _extreme_grid(likelihood: str) -> dict[str, np.ndarray]:
+    """The grid at log mean -50 / +30 and zero-inflation logits -40 / +40 (as in the test above)."""
+    grid = _grid(likelihood, means=[np.exp(-50.0), np.exp(30.0)], pis=[0.25, 0.75])
+    grid["log_mean"] = np.where(grid["log_mean"] < 0, -50.0, 30.0)
+    if "logit_pi" in grid:
+        grid["logit_pi"] = np.where(grid["logit_pi"] < 0, -40.0, 40.0)
+    return grid
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("likelihood", D.LIKELIHOODS)
+def test_sparse_aware_closed_form_derivatives_on_the_whole_grid(likelihood, dtype):
+    # The sparse path differentiates in closed form; the element-wise path by autograd through formulas whose
+    # values and derivatives are checked against mpmath above. Each grid point is one cell of one gene
+    # (parameters per entry), x = 0 points included (they take the x = 0 part only); extremes included.
+    for grid in (_grid(likelihood), _extreme_grid(likelihood)):
+        x = torch.tensor(grid["x"], dtype=dtype)[:, None]
+        params = {k: v[:, None].detach().requires_grad_() for k, v in _params(grid, dtype).items()}
+        dense_value, dense_grads = _value_and_grads(likelihood, x, params)
+        sparse_value, sparse_grads = _value_and_grads(likelihood, x.to_sparse_csr(), params)
+        assert torch.isfinite(sparse_value).all()
+        # Both are sums of cancelling terms as large as x log x and mu (the theta log theta terms are summed in
+        # float64): their absolute error is ~ eps * scale (a float32 count of 1e5 leaves ~1e-2 either way).
+        lm = params["log_mean"].detach()
+        scale = (1 + x * torch.log1p(x) + x * lm.abs() + lm.exp())[:, 0]
+        eps = torch.finfo(dtype).eps
+        assert ((sparse_value - dense_value).abs() <= 1e-12 * dense_value.abs() + 64 * eps * scale).all()
+        # gradients also carry theta-sized terms that cancel (as in the mpmath gradient test above)
+        lt = params["log_theta"].detach() if "log_theta" in params else torch.zeros_like(x)
+        grad_scale = scale[:, None] + lt.exp() * (1 + lt.abs())
+        for name, want in dense_grads.items():
+            got = sparse_grads[name]
+            assert torch.isfinite(got).all(), f"non-finite d/d{name}"
+            assert ((got - want).abs() <= 1e-9 * want.abs() + 64 * eps * grad_scale).all(), name
+
+
 @pytest.mark.parametrize("likelihood", D.LIKELIHOODS)
 def test_sparse_aware_with_broadcast_parameters(likelihood):
     # Parameters shared across cells (shape [genes]) take the generic, non-fused x = 0 sum.
