@@ -23,8 +23,8 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from .batches import (Source, SourceError, StreamSource, csr_nbytes, epoch_permutation,  # noqa: F401
-                      open_source, read_obs)
+from .batches import (Source, SourceError, StreamSource, compact_counts, csr_nbytes,  # noqa: F401
+                      epoch_permutation, open_source, read_obs)
 from .config import ModelConfig, TrainConfig
 from .models import GMVAE, VAE, build_model
 
@@ -83,17 +83,39 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+class _ErrorKeepingWriter:
+    """A binary file for torch.save that keeps the OSError of a failed write, which torch replaces."""
+
+    def __init__(self, fh: io.BufferedWriter):
+        self.fh, self.error = fh, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def atomic_torch_save(obj: dict, path: Path, before_replace: Callable[[], None] | None = None) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
     before_replace runs once the new file is safely on disk, just before the rename (checkpoint rotation).
     """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)  # in memory first: torch reports a full disk as an opaque RuntimeError
     try:
         with open(tmp, "wb") as fh:
-            fh.write(buffer.getbuffer())
+            # Straight to the file (no in-memory copy: a checkpoint is as large as the model and Adam's state).
+            writer = _ErrorKeepingWriter(fh)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:  # torch wraps a failed write (e.g. a full disk) in an opaque RuntimeError
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
             fh.flush()
             os.fsync(fh.fileno())
         if before_replace is not None:
@@ -345,6 +367,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                     continue  # batch norm cannot train on one cell
                 batch = source.batch(rows)
                 y = label_t[rows].to(device) if label_t is not None else None
+                optimiser.zero_grad(set_to_none=True)  # before the forward pass: last step's gradients freed
                 with autocast:  # the likelihood inside always runs in float32 (models.log_px)
                     result = model(batch.counts, kl_weight=weight, labels=y, pretrain=pretraining) \
                         if isinstance(model, GMVAE) else model(batch.counts, kl_weight=weight)
@@ -352,11 +375,11 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                 if not torch.isfinite(loss):
                     raise TrainingError(f"non-finite loss at epoch {epoch + 1}, minibatch {b + 1}: stopped; "
                                         f"the last good checkpoint in {out} is intact")
-                optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
                 for k in TERMS:
                     partial[k] = partial.get(k, 0.0) + result[k].detach().double().sum().item()
+                del result, loss  # the decoded parameters are not kept through the next forward pass
                 partial["n"] = partial.get("n", 0) + len(rows)
                 if received:
                     path = _save(out, model, optimiser, cfg, tc, epoch, b + 1, partial, history, best_val,
@@ -504,7 +527,9 @@ def train_dataset(data_path: str, out_dir: str, model_config: dict, train_config
             raise TrainingError(str(err)) from None
     else:
         counts = data.load_canonical(data_path)
-        X, cells, cell_labels = counts.X, counts.cells, counts.labels
+        # compact copy first, so that the float32 one can be freed before training (peak memory)
+        X, cells, cell_labels = compact_counts(counts.X), counts.cells, counts.labels
+        del counts
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "split.tsv"
