@@ -4,7 +4,6 @@ in memory, seeded block order, exact resume when streaming, bfloat16 and torch.c
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import anndata

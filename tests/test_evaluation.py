@@ -8,7 +8,7 @@ import torch
 
 from scvae_torch import distributions as D
 from scvae_torch.evaluation import cluster_scores, kmeans_labels
-from scvae_torch.models import ModelConfig, build_model, gaussian_log_prob
+from scvae_torch.models import gaussian_log_prob
 
 
 def _quadrature_log_px(model, x, grid):

@@ -15,7 +15,6 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.io
 import scipy.sparse as sp
 
 from scvae_torch import cli, data

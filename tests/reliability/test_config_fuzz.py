@@ -9,7 +9,6 @@ import copy
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import jsonschema
 import pytest

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from workflow_copy import copy_workflow
 
-from reliability_support import FAULT, GUARANTEE, ROOT, cases, python_env, same_weights
+from reliability_support import FAULT, GUARANTEE, cases, python_env, same_weights
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration, pytest.mark.slow]
 
