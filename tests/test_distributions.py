@@ -387,13 +387,35 @@ def _extreme_grid(likelihood: str) -> dict[str, np.ndarray]:
     return grid
 
 
+def _one_cell_of_all_genes(likelihood: str, grid: dict[str, np.ndarray], dtype: torch.dtype):
+    """Values and gradients, dense and sparse, with the grid points as the genes of one cell."""
+    x = torch.tensor(grid["x"], dtype=dtype)[None, :]
+    params = {k: (v if k == "log_theta" else v[None, :]).detach().requires_grad_()
+              for k, v in _params(grid, dtype).items()}
+    dense_value, dense_grads = _value_and_grads(likelihood, x, params)
+    sparse_value, sparse_grads = _value_and_grads(likelihood, x.to_sparse_csr(), params)
+    return dense_value, dense_grads, sparse_value, sparse_grads
+
+
+@pytest.mark.parametrize("arrangement", ["cells", "genes"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("likelihood", D.LIKELIHOODS)
-def test_sparse_aware_closed_form_derivatives_on_the_whole_grid(likelihood, dtype):
+def test_sparse_aware_closed_form_derivatives_on_the_whole_grid(likelihood, dtype, arrangement):
     # The sparse path differentiates in closed form; the element-wise path by autograd through formulas whose
     # values and derivatives are checked against mpmath above. Each grid point is one cell of one gene
-    # (parameters per entry), x = 0 points included (they take the x = 0 part only); extremes included.
+    # (log theta per entry) or one gene of one cell (log theta per gene: the count tables), x = 0 points
+    # included (they take the x = 0 part only); extremes included.
     for grid in (_grid(likelihood), _extreme_grid(likelihood)):
+        if arrangement == "genes":  # against the dense sum in float64 (float32 sums differ in their order)
+            _, _, got_value, got_grads = _one_cell_of_all_genes(likelihood, grid, dtype)
+            want_value, want_grads, _, _ = _one_cell_of_all_genes(likelihood, grid, torch.float64)
+            wide = dtype == torch.float64
+            torch.testing.assert_close(got_value.double(), want_value, rtol=1e-12 if wide else 1e-5, atol=0)
+            for name, want in want_grads.items():
+                got = got_grads[name].double()
+                assert torch.isfinite(got).all(), f"non-finite d/d{name}"
+                assert (got - want).abs().max() <= (1e-11 if wide else 1e-5) * want.abs().max(), name
+            continue
         x = torch.tensor(grid["x"], dtype=dtype)[:, None]
         params = {k: v[:, None].detach().requires_grad_() for k, v in _params(grid, dtype).items()}
         dense_value, dense_grads = _value_and_grads(likelihood, x, params)
