@@ -219,7 +219,7 @@ def _count_tables(log_theta: Tensor, grads: bool) -> tuple[Tensor, Tensor | None
 
 
 def _lgamma_ratio_terms(
-    x: Tensor, cols: Tensor, log_theta_genes: Tensor, lt: Tensor, grads: bool
+    x: Tensor, cols: Tensor, log_theta_genes: Tensor, lt: Tensor, grads: bool, subset: bool
 ) -> tuple[Tensor, Tensor | None]:
     """At stored counts x of genes cols (theta per gene): log Gamma(x + theta) - log Gamma(theta) - log x! and,
     when grads, its derivative w.r.t. log theta, theta (digamma(x + theta) - digamma(theta)); in x's dtype."""
@@ -227,13 +227,22 @@ def _lgamma_ratio_terms(
     index = cols * (TABLE_COUNTS + 1) + x.clamp(max=TABLE_COUNTS).long()
     ratio = torch.take(ratio_table, index)
     slope = torch.take(slope_table, index) if grads else None
-    big = torch.nonzero(x > TABLE_COUNTS).squeeze(1)
-    if big.numel():  # beyond the table: the step from TABLE_COUNTS to x by lgamma / digamma, in float64
-        xb, theta = _wide(x[big]), torch.exp(_wide(lt[big]))
-        top, k = theta + TABLE_COUNTS, float(TABLE_COUNTS)
-        ratio[big] += torch.lgamma(xb + theta) - torch.lgamma(top) - (torch.lgamma(xb + 1) - math.lgamma(k + 1))
-        if grads:
-            slope[big] += theta * (torch.digamma(xb + theta) - torch.digamma(top))
+    # Beyond the table: the step from TABLE_COUNTS to x by lgamma / digamma, in float64. On the CPU only at
+    # those entries; on a GPU at all of them, masked (picking them out would wait for the device).
+    big = torch.nonzero(x > TABLE_COUNTS).squeeze(1) if subset else None
+    if big is None or big.numel():
+        xb, theta = _wide(x if big is None else x[big]), torch.exp(_wide(lt if big is None else lt[big]))
+        top = theta + TABLE_COUNTS
+        step = torch.lgamma(xb + theta) - torch.lgamma(top) - (torch.lgamma(xb + 1) - math.lgamma(TABLE_COUNTS + 1))
+        slope_step = theta * (torch.digamma(xb + theta) - torch.digamma(top)) if grads else None
+        if big is None:
+            beyond = xb > TABLE_COUNTS
+            ratio = ratio + torch.where(beyond, step, 0.0)
+            slope = slope + torch.where(beyond, slope_step, 0.0) if grads else None
+        else:
+            ratio[big] += step
+            if grads:
+                slope[big] += slope_step
     return ratio.to(x.dtype), None if slope is None else slope.to(x.dtype)
 
 
@@ -264,6 +273,7 @@ class _SparseLogProb(torch.autograd.Function):
         log_theta = None if log_theta is None else log_theta.contiguous()
         logit_pi = None if logit_pi is None else logit_pi.contiguous()
         grads = any(ctx.needs_input_grad[5:])
+        on_cpu = log_mean.device.type == "cpu"
         flat = rows * log_mean.shape[1] + cols
         theta_per_entry = log_theta is not None and log_theta.shape == log_mean.shape
         theta_index = flat if theta_per_entry else cols
@@ -318,7 +328,7 @@ class _SparseLogProb(torch.autograd.Function):
                 slope = ((torch.digamma(x_wide + theta_wide) - torch.digamma(theta_wide)) * theta_wide).to(x.dtype) \
                     if grads else None
             else:
-                ratio, slope = _lgamma_ratio_terms(x, cols, log_theta, lt, grads)
+                ratio, slope = _lgamma_ratio_terms(x, cols, log_theta, lt, grads, on_cpu)
             u = lt - lm  # log(theta / mu): x log(mu / (theta + mu)) = -x softplus(u)
             c = ratio - x * _softplus(u)
             if grads:
@@ -346,8 +356,8 @@ class _SparseLogProb(torch.autograd.Function):
                     sig_t = torch.sigmoid(-u)  # not 1 - sigmoid(u), which cancels for theta >> mu
                     e_mean = e_mean - sig_v * theta_e * sig_t
                     e_theta = e_theta + sig_v * theta_e * (sig_t - sp_t)
-        stored_zero = x == 0  # explicitly stored zeros contribute nothing
-        if bool(stored_zero.any()):
+        stored_zero = x == 0  # explicitly stored zeros contribute nothing (checked first on the CPU only:
+        if not on_cpu or bool(stored_zero.any()):  # on a GPU the check would wait for the device)
             keep = (~stored_zero).to(x.dtype)
             c = c * keep
             e_mean, e_theta, e_logit = (None if e is None else e * keep for e in (e_mean, e_theta, e_logit))

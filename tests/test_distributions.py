@@ -522,3 +522,22 @@ def test_sparse_integer_counts_and_parameter_shape_errors():
     )
     with pytest.raises(ValueError, match="does not broadcast"):
         D.log_prob_cells("nb", x.to_sparse_csr(), {"log_mean": params["log_mean"], "log_theta": torch.zeros(12)})
+
+
+@pytest.mark.parametrize("subset", [True, False])
+def test_count_tables_match_lgamma_and_digamma(subset):
+    # The per-gene tables (counts up to TABLE_COUNTS) and the lgamma/digamma step beyond them, both ways of
+    # taking that step (the CPU's subset and the GPU's masked form), against scipy in float64.
+    from scipy.special import digamma, gammaln
+
+    log_theta = torch.tensor([-9.0, -2.0, 0.0, 1.5, 7.0, 13.8], dtype=torch.float64)
+    x = torch.tensor([0, 1, 2, 3, 4, 5, 7, 30, 1000, 1e5] * 6, dtype=torch.float64)
+    cols = torch.arange(6).repeat_interleave(10)
+    ratio, slope = D._lgamma_ratio_terms(x, cols, log_theta, log_theta[cols], True, subset)
+    theta = np.exp(log_theta.numpy())[cols.numpy()]
+    xn = x.numpy()
+    want_ratio = gammaln(xn + theta) - gammaln(theta) - gammaln(xn + 1)
+    want_slope = theta * (digamma(xn + theta) - digamma(theta))
+    scale = 1 + np.abs(gammaln(xn + theta)) + np.abs(gammaln(theta))  # scipy's own cancellation
+    assert np.all(np.abs(ratio.numpy() - want_ratio) <= 1e-13 * scale)
+    assert np.all(np.abs(slope.numpy() - want_slope) <= 1e-12 * (1 + np.abs(theta * digamma(xn + theta))))
