@@ -59,7 +59,7 @@ def worker_scvae(job: dict) -> dict:
     import torch
 
     from scvae_torch import data
-    from scvae_torch.batches import Batch, MemorySource, StreamSource, compact_counts
+    from scvae_torch.batches import Batch, MemorySource, StreamSource, compact_counts, load_compact
     from scvae_torch.training import TrainConfig, evaluate_terms, fit, resolve_device
 
     if job["threads"]:
@@ -69,9 +69,11 @@ def worker_scvae(job: dict) -> dict:
     if job["stream"]:
         source = StreamSource(job["path"], device)
     else:
-        # as `scvae-torch train` does: compact values, the float32 copy freed before training
-        X = compact_counts(data.load_canonical(job["path"]).X if job["path"].endswith(".h5ad")
-                           else _load_npz(job["path"]))
+        # as `scvae-torch train` does: whole counts read into compact storage
+        X = load_compact(job["path"]) if job["path"].endswith(".h5ad") else None
+        if X is None:
+            X = compact_counts(data.load_canonical(job["path"]).X if job["path"].endswith(".h5ad")
+                               else _load_npz(job["path"]))
         source = MemorySource(X, device)
     load_s = time.perf_counter() - t0
     n_cells = source.shape[0]

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batches import (Source, SourceError, StreamSource, compact_counts, csr_nbytes,  # noqa: F401
-                      epoch_permutation, open_source, read_obs)
+                      epoch_permutation, load_compact, open_source, read_obs)
 from .config import ModelConfig, TrainConfig
 from .models import GMVAE, VAE, build_model
 
@@ -526,10 +526,13 @@ def train_dataset(data_path: str, out_dir: str, model_config: dict, train_config
         except SourceError as err:
             raise TrainingError(str(err)) from None
     else:
-        counts = data.load_canonical(data_path)
-        # compact copy first, so that the float32 one can be freed before training (peak memory)
-        X, cells, cell_labels = compact_counts(counts.X), counts.cells, counts.labels
-        del counts
+        X = load_compact(data_path)  # whole counts, never held as float32 (peak memory)
+        if X is not None:
+            cells, cell_labels = read_obs(data_path)
+        if X is None or X.shape[0] != len(cells):  # the ordinary reader, with its checks and messages
+            counts = data.load_canonical(data_path)
+            X, cells, cell_labels = compact_counts(counts.X), counts.cells, counts.labels
+            del counts
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "split.tsv"

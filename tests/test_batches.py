@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scvae_torch import data, training
+from scvae_torch import batches, data, training
 from scvae_torch.batches import MemorySource, StreamSource, torch_csr
 from scvae_torch.models import build_model, log_px, tile_rows
 from scvae_torch.training import TrainConfig, TrainingError, fit, load_checkpoint, streams, train_dataset
@@ -241,3 +241,42 @@ def test_bounded_has_the_values_and_gradients_of_clamp(low, high):
     (t.clamp(low, high) * weights).sum().backward()
     assert torch.equal(bounded(t, low, high), t.clamp(low, high))
     assert torch.equal(ours, t.grad)
+
+
+def _canonical(tmp_path: Path, X: sp.csr_matrix, name: str = "counts.h5ad") -> str:
+    """X written as a canonical counts.h5ad (the format `prepare` writes)."""
+    path = str(tmp_path / name)
+    n, g = X.shape
+    data.write_canonical(data.Counts(X=X.tocsr().astype(np.float32), genes=np.array([f"g{i}" for i in range(g)]),
+                                     cells=np.array([f"c{i}" for i in range(n)])), path)
+    return path
+
+
+def test_whole_counts_load_compactly_and_train_the_same(tmp_path, real_counts):
+    # uint8 (counts up to 36), then uint16 (a count of 1000); values, minibatches and a short training are
+    # those of the float32 matrix.
+    for top in (None, 1000.0):
+        X = real_counts.copy().astype(np.float32)
+        if top:
+            X.data[5] = top
+        path = _canonical(tmp_path, X, f"c{top}.h5ad")
+        compact = batches.load_compact(path)
+        assert compact.dtype == (np.uint16 if top else np.uint8)
+        assert (compact != data.load_canonical(path).X).nnz == 0
+        rows = np.array([7, 0, 5, 119])
+        torch.testing.assert_close(MemorySource(compact).batch(rows).x, MemorySource(X).batch(rows).x)
+    model = dict(model="vae", likelihood="nb", encoder=[16], decoder=[16], latent=3)
+    tc = TrainConfig(epochs=2, batch_size=32, seed=1)
+    a = fit(compact, np.arange(100), np.arange(100, 120), model, tc, tmp_path / "a")
+    b = fit(X, np.arange(100), np.arange(100, 120), model, tc, tmp_path / "b")
+    assert a["best_val_elbo"] == b["best_val_elbo"]
+
+
+@pytest.mark.parametrize("value", [2.5, 70000.0, -1.0, np.nan])
+def test_counts_that_are_not_small_whole_numbers_are_not_loaded_compactly(tmp_path, real_counts, value):
+    X = real_counts.copy().astype(np.float64)
+    X.data[3] = value
+    path = str(tmp_path / "odd.h5ad")
+    anndata.AnnData(X=X.tocsr()).write_h5ad(path)  # written directly: prepare would refuse most of these
+    assert batches.load_compact(path) is None
+    assert batches.compact_counts(X).dtype == np.float32  # kept as float32 (and checked by the reader)
