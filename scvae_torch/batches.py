@@ -220,6 +220,19 @@ def load_compact(path: str | os.PathLike) -> sp.csr_matrix | None:
     return X
 
 
+def _not_counts(values: np.ndarray) -> str:
+    """What is wrong with values that should be counts ('' when nothing is): NaN/infinite, negative, fractional."""
+    if values.size == 0:
+        return ""
+    if not np.isfinite(values).all():
+        return "NaN or infinite values"
+    if values.min() < 0:
+        return f"negative values (minimum {values.min():g})"
+    if not np.array_equal(values, np.rint(values)):
+        return "non-integer values"
+    return ""
+
+
 class StreamSource:
     """Minibatches read from an h5ad file's CSR X (X/data, X/indices, X/indptr) without loading it.
 
@@ -278,6 +291,10 @@ class StreamSource:
             indices = self._indices[lo:hi]
         except OSError as err:
             raise SourceError(f"{self.path}: cannot read cells {first}-{last - 1} ({err})") from None
+        problem = _not_counts(data)
+        if problem:  # the in-memory reader refuses such a file up front; streaming finds out block by block
+            raise SourceError(f"{self.path}: cells {first}-{last - 1} have {problem}; counts must be whole "
+                              "numbers >= 0")
         block = sp.csr_matrix((data, indices, self._indptr[first:last + 1] - lo),
                               shape=(last - first, self.shape[1]))
         self._cache[b] = block

@@ -546,6 +546,8 @@ def train_dataset(data_path: str, out_dir: str, model_config: dict, train_config
         labels = pd.Categorical(cell_labels).codes.astype(np.int64)
     try:
         return fit(X, subsets["train"], subsets["validation"], model_config, train_config, out, labels=labels)
+    except SourceError as err:  # a streamed block that cannot be read or holds no counts: one line
+        raise TrainingError(f"{err}; the last good checkpoint in {out} is intact") from None
     finally:
         if isinstance(X, StreamSource):
             X.close()

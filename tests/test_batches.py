@@ -280,3 +280,20 @@ def test_counts_that_are_not_small_whole_numbers_are_not_loaded_compactly(tmp_pa
     anndata.AnnData(X=X.tocsr()).write_h5ad(path)  # written directly: prepare would refuse most of these
     assert batches.load_compact(path) is None
     assert batches.compact_counts(X).dtype == np.float32  # kept as float32 (and checked by the reader)
+
+
+@pytest.mark.parametrize(("value", "problem"), [(-3.0, "negative values"), (2.5, "non-integer values"),
+                                                (np.nan, "NaN or infinite values")])
+def test_streaming_refuses_values_that_are_not_counts_in_one_line(tmp_path, value, problem):
+    # Loading checks the whole matrix up front; streaming checks each block as it reads it (cells 256-383
+    # here), stops in one line naming the file, the cells and the problem, and leaves no checkpoint behind.
+    X = _random_counts(n=400, g=25, density=0.3).astype(np.float64)
+    X = X.tolil()
+    X[300, 4] = value
+    path = _h5ad(X.tocsr(), tmp_path / "bad.h5ad")
+    model = {"model": "vae", "likelihood": "nb", "encoder": [8], "decoder": [8], "latent": 2}
+    with pytest.raises(TrainingError) as caught:
+        train_dataset(str(path), str(tmp_path / "run"), model, TrainConfig(epochs=2, batch_size=32, stream="on"))
+    message = str(caught.value)
+    assert "bad.h5ad: cells 256-383 have " + problem in message and "\n" not in message
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
