@@ -318,8 +318,8 @@ class StreamSource:
         return _on_device(S, self.device)
 
 
-def read_obs(path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Cell ids and obs['label'] (or None) of an h5ad file, without reading X."""
+def read_annotations(path: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Cell ids, obs['label'] (or None) and gene names of an h5ad file, without reading X."""
     import anndata
 
     try:
@@ -329,9 +329,24 @@ def read_obs(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         cells = adata.obs_names.to_numpy()
         labels = adata.obs["label"].to_numpy(dtype=object) if "label" in adata.obs else None
+        genes = adata.var_names.to_numpy()
     finally:
         adata.file.close()
-    return cells, labels
+    return cells, labels, genes
+
+
+def load_counts(path: str) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None, np.ndarray]:
+    """X (compact where the counts allow: `load_compact`), cell ids, labels and gene names of a canonical h5ad;
+    through the ordinary reader, with its checks and messages, where compact loading does not apply."""
+    from . import data
+
+    X = load_compact(path)
+    if X is not None:
+        cells, labels, genes = read_annotations(path)
+        if X.shape == (len(cells), len(genes)):
+            return X, cells, labels, genes
+    counts = data.load_canonical(path)
+    return compact_counts(counts.X), counts.cells, counts.labels, counts.genes
 
 
 def open_source(X: sp.spmatrix | Source, device: torch.device) -> Source:

@@ -10,6 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from .batches import load_counts
 from .models import GMVAE, VAE
 from .training import atomic_write_text, evaluate_terms, load_model, minibatch, resolve_device
 
@@ -99,35 +100,35 @@ def evaluate_dataset(model_dir: str, data_path: str, metrics_path: str, latent_p
 
     dev = resolve_device(device)
     model = load_model(model_dir, dev)
-    counts = data.load_canonical(data_path)
+    X, cells, labels, genes = load_counts(data_path)  # whole counts held compactly (memory)
     split = Path(split_path) if split_path else Path(model_dir) / "split.tsv"
-    subsets = data.read_split(str(split), counts.cells)
+    subsets = data.read_split(str(split), cells)
     test = subsets["test"]
     metrics = {"model": model.cfg.model, "likelihood": model.cfg.likelihood,
-               **evaluate_model(model, counts.X, test, iw_samples=iw_samples, seed=seed, device=dev)}
+               **evaluate_model(model, X, test, iw_samples=iw_samples, seed=seed, device=dev)}
 
-    everyone = np.arange(counts.X.shape[0])
-    obs = pd.DataFrame(index=pd.Index(counts.cells.astype(str), name="cell"))
+    everyone = np.arange(X.shape[0])
+    obs = pd.DataFrame(index=pd.Index(cells.astype(str), name="cell"))
     subset_of = np.empty(len(everyone), dtype=object)
     for name, rows in subsets.items():
         subset_of[rows] = name
     obs["subset"] = pd.Categorical(subset_of)
-    if counts.labels is not None:
-        obs["label"] = pd.Categorical(counts.labels.astype(str))
+    if labels is not None:
+        obs["label"] = pd.Categorical(labels.astype(str))
     latent = ad.AnnData(X=sp.csr_matrix((len(everyone), 0), dtype=np.float32), obs=obs)
-    latent.obsm["X_scvae"] = latent_means(model, counts.X, everyone, dev)
+    latent.obsm["X_scvae"] = latent_means(model, X, everyone, dev)
     if isinstance(model, GMVAE):
-        resp = responsibilities(model, counts.X, everyone, dev)
+        resp = responsibilities(model, X, everyone, dev)
         latent.obsm["scvae_responsibilities"] = resp
         latent.obs["scvae_cluster"] = pd.Categorical(resp.argmax(1).astype(str))
-        if counts.labels is not None:
-            metrics["test_cluster"] = cluster_scores(counts.labels[test], resp[test].argmax(1))
+        if labels is not None:
+            metrics["test_cluster"] = cluster_scores(labels[test], resp[test].argmax(1))
     latent.uns["scvae"] = {"model": model.cfg.model, "likelihood": model.cfg.likelihood}
     _atomic_h5ad(latent, Path(latent_path))
     if feature_means_path:
-        table = pd.DataFrame({"feature": counts.genes.astype(str),
-                              "observed_mean": np.asarray(counts.X[test].mean(0)).ravel(),
-                              "decoded_mean": decoded_feature_means(model, counts.X, test, dev)})
+        table = pd.DataFrame({"feature": genes.astype(str),
+                              "observed_mean": np.asarray(X[test].mean(0)).ravel(),
+                              "decoded_mean": decoded_feature_means(model, X, test, dev)})
         atomic_write_text(table.to_csv(sep="\t", index=False), Path(feature_means_path))
     atomic_write_text(json.dumps(metrics, indent=2) + "\n", Path(metrics_path))
     return metrics

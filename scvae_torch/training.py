@@ -23,8 +23,8 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from .batches import (Source, SourceError, StreamSource, compact_counts, csr_nbytes,  # noqa: F401
-                      epoch_permutation, load_compact, open_source, read_obs)
+from .batches import (Source, SourceError, StreamSource, csr_nbytes, epoch_permutation,  # noqa: F401
+                      load_counts, open_source, read_annotations)
 from .config import ModelConfig, TrainConfig
 from .models import GMVAE, VAE, build_model
 
@@ -521,18 +521,12 @@ def train_dataset(data_path: str, out_dir: str, model_config: dict, train_config
 
     if streams(data_path, train_config):  # X stays in the file; only the cell ids and labels are read
         try:
-            cells, cell_labels = read_obs(data_path)
+            cells, cell_labels, _ = read_annotations(data_path)
             X = StreamSource(data_path, resolve_device(train_config.device))
         except SourceError as err:
             raise TrainingError(str(err)) from None
     else:
-        X = load_compact(data_path)  # whole counts, never held as float32 (peak memory)
-        if X is not None:
-            cells, cell_labels = read_obs(data_path)
-        if X is None or X.shape[0] != len(cells):  # the ordinary reader, with its checks and messages
-            counts = data.load_canonical(data_path)
-            X, cells, cell_labels = compact_counts(counts.X), counts.cells, counts.labels
-            del counts
+        X, cells, cell_labels, _ = load_counts(data_path)  # whole counts never held as float32 (peak memory)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "split.tsv"
