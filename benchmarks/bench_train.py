@@ -58,8 +58,7 @@ def worker_scvae(job: dict) -> dict:
     """Train scvae-torch on the job's file; seconds per epoch from the training history."""
     import torch
 
-    from scvae_torch import data
-    from scvae_torch.batches import Batch, MemorySource, StreamSource, compact_counts, load_compact
+    from scvae_torch.batches import Batch, MemorySource, StreamSource, load_counts
     from scvae_torch.training import TrainConfig, evaluate_terms, fit, resolve_device
 
     if job["threads"]:
@@ -70,10 +69,7 @@ def worker_scvae(job: dict) -> dict:
         source = StreamSource(job["path"], device)
     else:
         # as `scvae-torch train` does: whole counts read into compact storage
-        X = load_compact(job["path"]) if job["path"].endswith(".h5ad") else None
-        if X is None:
-            X = compact_counts(data.load_canonical(job["path"]).X if job["path"].endswith(".h5ad")
-                               else _load_npz(job["path"]))
+        X = load_counts(job["path"])[0] if job["path"].endswith(".h5ad") else _load_npz(job["path"])
         source = MemorySource(X, device)
     load_s = time.perf_counter() - t0
     n_cells = source.shape[0]
@@ -208,6 +204,18 @@ def simulate(path: str, cells: int, genes: int, sparsity: float, seed: int) -> N
     data.write_canonical(counts, path)
 
 
+def _small_count_share(path: str) -> str:
+    """How many of the file's stored counts the NB/ZINB count tables cover (distributions.TABLE_COUNTS)."""
+    import h5py
+
+    from scvae_torch.distributions import TABLE_COUNTS
+
+    with h5py.File(path, "r") as f:
+        values = f["X/data"][: 10 ** 7]  # the first 10 million stored counts
+    return (f"stored counts: {np.mean(values <= TABLE_COUNTS):.0%} up to {TABLE_COUNTS}, {np.mean(values == 1):.0%} "
+            f"are 1 (first {len(values):,})")
+
+
 def _has_scvi(python: str) -> bool:
     proc = subprocess.run([python, "-c", "import scvi"], capture_output=True)
     return proc.returncode == 0
@@ -282,6 +290,8 @@ def main() -> None:
                 simulate(path, args.cells, args.genes, args.sparsity, args.seed)
                 print(f"# simulated {args.cells} x {args.genes} at {args.sparsity:.0%} zeros -> {path} "
                       f"({time.perf_counter() - t:.0f} s)", flush=True)
+    if path and path.endswith(".h5ad"):
+        print(f"# {_small_count_share(path)}", flush=True)
     scvi = not args.no_scvi and args.device in ("cpu", "cuda") and _has_scvi(args.scvi_python)
     if not args.no_main:
         arch = (f"{args.model} encoder {args.encoder} decoder {args.decoder} latent {args.latent}, batch "

@@ -80,6 +80,18 @@ def torch_csr(indptr: np.ndarray | Tensor, indices: np.ndarray | Tensor, data: n
         return torch.sparse_csr_tensor(crow, col, parts[2].float(), shape, check_invariants=False)
 
 
+def _small_whole(values: np.ndarray) -> bool:
+    """Whether every value is a whole number from 0 to 65,535 (NaN is not)."""
+    return values.size == 0 or bool(values.min() >= 0 and values.max() <= np.iinfo(np.uint16).max
+                                    and np.array_equal(values, np.rint(values)))
+
+
+def _narrow(values: np.ndarray) -> np.ndarray:
+    """Small whole numbers as uint8 when they fit, else uint16."""
+    fits_byte = values.size == 0 or values.max() <= np.iinfo(np.uint8).max
+    return values.astype(np.uint8 if fits_byte else np.uint16, copy=False)
+
+
 def compact_counts(X: sp.spmatrix) -> sp.csr_matrix:
     """X as CSR with its values in the smallest unsigned integer type that holds them exactly (uint8, uint16).
 
@@ -89,13 +101,9 @@ def compact_counts(X: sp.spmatrix) -> sp.csr_matrix:
     X = X.tocsr()
     if X.dtype in (np.uint8, np.uint16):
         return X
-    data = X.data
-    if data.size == 0 or not (data.min() >= 0 and data.max() <= np.iinfo(np.uint16).max):  # NaN: not compact
+    if X.data.size == 0 or not _small_whole(X.data):
         return X if X.dtype == np.float32 else X.astype(np.float32)
-    compact = data.astype(np.uint8 if data.max() <= np.iinfo(np.uint8).max else np.uint16)
-    if not np.array_equal(compact, data):
-        return X if X.dtype == np.float32 else X.astype(np.float32)
-    return sp.csr_matrix((compact, X.indices, X.indptr), shape=X.shape)
+    return sp.csr_matrix((_narrow(X.data), X.indices, X.indptr), shape=X.shape)
 
 
 def _on_device(S: sp.csr_matrix, device: torch.device) -> Batch:
@@ -204,8 +212,7 @@ def load_compact(path: str | os.PathLike) -> sp.csr_matrix | None:
             data = np.empty(source.shape[0], dtype=np.uint16)
             for start in range(0, len(data), COMPACT_CHUNK):
                 chunk = source[start:start + COMPACT_CHUNK]
-                if chunk.size and not (chunk.min() >= 0 and chunk.max() <= np.iinfo(np.uint16).max
-                                       and np.array_equal(chunk, np.rint(chunk))):  # NaN fails the last test
+                if not _small_whole(chunk):
                     return None
                 data[start:start + len(chunk)] = chunk
             indices, indptr = X["indices"][:], X["indptr"][:]
@@ -213,9 +220,7 @@ def load_compact(path: str | os.PathLike) -> sp.csr_matrix | None:
         return None
     if len(indptr) != int(shape[0]) + 1 or len(indices) != len(data) or (len(indptr) and indptr[-1] != len(data)):
         return None
-    if data.size and data.max() <= np.iinfo(np.uint8).max:
-        data = data.astype(np.uint8)
-    X = sp.csr_matrix((data, indices, indptr), shape=(int(shape[0]), int(shape[1])))
+    X = sp.csr_matrix((_narrow(data), indices, indptr), shape=(int(shape[0]), int(shape[1])))
     X.sum_duplicates()  # a no-op for a canonical file (checked by one pass)
     return X
 

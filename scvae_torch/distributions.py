@@ -198,7 +198,8 @@ def _nonzero_correction(
 
 
 # Stored counts up to this value take log Gamma(x + theta) - log Gamma(theta) - log x! and its derivative from
-# per-gene tables (97% of the stored counts of an MB-20k-shaped matrix, 77% are 1); larger ones from lgamma.
+# per-gene tables (97% of the stored counts of the MB-20k-shaped simulation, 77% are 1: benchmarks/bench_train.py
+# prints the share for its data); larger ones from lgamma.
 TABLE_COUNTS = 4
 
 
@@ -321,11 +322,9 @@ class _SparseLogProb(torch.autograd.Function):
         else:
             lt = torch.take(log_theta, theta_index)
             if theta_per_entry:
-                # log Gamma(x + theta) - log Gamma(theta) in float64: each term is ~ theta log theta, their
-                # difference ~ x log theta; float32 rounding would not cancel at large theta.
-                theta_wide, x_wide = torch.exp(_wide(lt)), _wide(x)
-                ratio = (torch.lgamma(x_wide + theta_wide) - torch.lgamma(theta_wide)).to(x.dtype) - torch.lgamma(x + 1)
-                slope = ((torch.digamma(x_wide + theta_wide) - torch.digamma(theta_wide)) * theta_wide).to(x.dtype) \
+                ratio = _lgamma_ratio(x, lt) - torch.lgamma(x + 1)
+                theta_wide = torch.exp(_wide(lt))  # d/dlog theta: theta (digamma(x + theta) - digamma(theta))
+                slope = ((torch.digamma(_wide(x) + theta_wide) - torch.digamma(theta_wide)) * theta_wide).to(x.dtype) \
                     if grads else None
             else:
                 ratio, slope = _lgamma_ratio_terms(x, cols, log_theta, lt, grads, on_cpu)

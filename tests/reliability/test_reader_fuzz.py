@@ -163,6 +163,13 @@ def expected_of(M: np.ndarray, layout_flaw, genes, cells, keep: np.ndarray | Non
     return None if bad else (M, genes, cells)
 
 
+def draw_matrix(draw, kinds) -> tuple[str | None, np.ndarray, np.dtype, bool]:
+    """A flaw drawn from kinds (or none), a matrix for it, and whether the cell ids are to repeat."""
+    flaw = flaws(draw, kinds)
+    M, dtype = draw(matrices(flaw, nonzero=flaw in NEEDS_NONZERO))
+    return flaw, M, dtype, flaw == "duplicate-cells"
+
+
 # ---- 10x Cell Ranger HDF5 ------------------------------------------------------------------------
 
 @FUZZ
@@ -170,12 +177,10 @@ def expected_of(M: np.ndarray, layout_flaw, genes, cells, keep: np.ndarray | Non
 @given(st.data())
 def test_10x_hdf5_v2_and_v3(draw_data):
     draw = draw_data.draw
-    flaw = flaws(draw, LAYOUT_FLAWS)
-    M, dtype = draw(matrices(flaw, nonzero=flaw in NEEDS_NONZERO))
+    flaw, M, dtype, duplicate_cells = draw_matrix(draw, LAYOUT_FLAWS)
     version = draw(st.sampled_from(["v2", "v3"]))
     variant = draw(st.sampled_from([None, "explicit-zeros", "unsorted"]))
     layout = flaw if flaw in LAYOUT_FLAWS else None
-    duplicate_cells = flaw == "duplicate-cells"
     rng = np.random.default_rng(draw(st.integers(0, 1000)))
     n_cells, n_genes = M.shape
     cells, ids = names(n_cells, "AAAC-", duplicate_cells), names(n_genes, "ENSG")
@@ -282,11 +287,9 @@ def write_text(path: Path, text: str, gz: bool) -> Path:
 @given(st.data())
 def test_matrix_market_mex_and_named_layouts(draw_data):
     draw = draw_data.draw
-    flaw = flaws(draw, MTX_FLAWS)
-    M, dtype = draw(matrices(flaw, nonzero=flaw in NEEDS_NONZERO))
+    flaw, M, dtype, duplicate_cells = draw_matrix(draw, MTX_FLAWS)
     layout = draw(st.sampled_from(["10x", "named"]))
     gz = draw(st.booleans())
-    duplicate_cells = flaw == "duplicate-cells"
     n_cells, n_genes = M.shape
     cells, ids = names(n_cells, "AAAC-", duplicate_cells), names(n_genes, "ENSG")
     genes = [f"sym{i}" for i in range(n_genes)] if layout == "10x" else ids
