@@ -247,6 +247,49 @@ def _lgamma_ratio_terms(
     return ratio.to(x.dtype), None if slope is None else slope.to(x.dtype)
 
 
+def dense_zero_part(
+    likelihood: str, log_mean: Tensor, log_theta: Tensor | None, logit_pi: Tensor | None, grads: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """The x = 0 part of the per-cell log p(x), sum_g log p(0), and its element-wise derivatives.
+
+    Returns (per-cell sum, d/dlog mu, d/dlogit pi, the theta-gradient factor sp, theta); the derivatives
+    are None unless grads. Pure element-wise work over cells x genes: what `torch.compile` can fuse
+    (training's `compile` option passes the compiled function to `log_prob_cells`).
+    """
+    # s = log p_base(0), d_mean = ds/dlog mu
+    theta = sp = d_mean = d_logit = None
+    if likelihood in ("poisson", "zip"):
+        s = torch.exp(log_mean).neg_()  # log Poisson(0) = -mu = ds/dlog mu
+    else:
+        # NB: s = -theta softplus(t), t = log mu - log theta; ds/dlog mu = -theta sigmoid(t),
+        # ds/dlog theta = theta (sigmoid(t) - softplus(t)).
+        theta = torch.exp(log_theta)
+        t = log_mean - log_theta
+        sp = _softplus(t)
+        d_mean = t.sigmoid_().mul_(theta.neg()) if grads else None
+    if likelihood == "poisson":
+        zero_sum, d_mean = s.sum(-1), s
+    elif likelihood == "nb":  # sum_g -theta softplus(t): a matrix-vector product when theta is per gene
+        zero_sum = (sp @ theta if theta.dim() == 1 else (sp * theta).sum(-1)).neg_()
+    else:
+        # Zero-inflated: r = log(pi + (1 - pi) e^s) = logaddexp(a, s) - softplus(a), a = logit pi.
+        #   dr/ds = w := e^s / (e^a + e^s),   dr/da = sigmoid(a - s) - sigmoid(a) = (1 - pi) - w.
+        if likelihood == "zinb":
+            s = sp * theta.neg()
+        spa = _softplus(logit_pi)
+        lse = torch.logaddexp(logit_pi, s)
+        zero_sum = lse.sum(-1) - spa.sum(-1)
+        if grads:
+            w = torch.sub(s, lse, out=lse).exp_()
+            d_logit = spa.neg_().exp_().sub_(w)  # 1 - pi = exp(-softplus(a))
+            if likelihood == "zip":
+                d_mean = s.mul_(w)
+            else:
+                d_mean.mul_(w)
+                sp.mul_(w)  # dr/dlog theta = w theta (sigmoid(t) - softplus(t)) = -d_mean - theta w sp
+    return zero_sum, d_mean, d_logit, sp, theta
+
+
 class _SparseLogProb(torch.autograd.Function):
     """Per-cell log p(x) for a sparse minibatch and the decoder's parameter shapes, in one autograd node.
 
@@ -267,6 +310,7 @@ class _SparseLogProb(torch.autograd.Function):
         log_mean: Tensor,
         log_theta: Tensor | None,
         logit_pi: Tensor | None,
+        zero_part: Callable | None = None,
     ) -> Tensor:
         # Contiguous inputs make every cells x genes temporary (and so every gradient) contiguous too,
         # so that the in-place index_add_ through .view(-1) in backward is valid.
@@ -279,37 +323,8 @@ class _SparseLogProb(torch.autograd.Function):
         theta_per_entry = log_theta is not None and log_theta.shape == log_mean.shape
         theta_index = flat if theta_per_entry else cols
 
-        # ---- x = 0 part, dense: s = log p_base(0), d_mean = ds/dlog mu ----
-        theta = sp = d_mean = d_logit = None
-        if likelihood in ("poisson", "zip"):
-            s = torch.exp(log_mean).neg_()  # log Poisson(0) = -mu = ds/dlog mu
-        else:
-            # NB: s = -theta softplus(t), t = log mu - log theta; ds/dlog mu = -theta sigmoid(t),
-            # ds/dlog theta = theta (sigmoid(t) - softplus(t)).
-            theta = torch.exp(log_theta)
-            t = log_mean - log_theta
-            sp = _softplus(t)
-            d_mean = t.sigmoid_().mul_(theta.neg()) if grads else None
-        if likelihood == "poisson":
-            zero_sum, d_mean = s.sum(-1), s
-        elif likelihood == "nb":  # sum_g -theta softplus(t): a matrix-vector product when theta is per gene
-            zero_sum = (sp @ theta if theta.dim() == 1 else (sp * theta).sum(-1)).neg_()
-        else:
-            # Zero-inflated: r = log(pi + (1 - pi) e^s) = logaddexp(a, s) - softplus(a), a = logit pi.
-            #   dr/ds = w := e^s / (e^a + e^s),   dr/da = sigmoid(a - s) - sigmoid(a) = (1 - pi) - w.
-            if likelihood == "zinb":
-                s = sp * theta.neg()
-            spa = _softplus(logit_pi)
-            lse = torch.logaddexp(logit_pi, s)
-            zero_sum = lse.sum(-1) - spa.sum(-1)
-            if grads:
-                w = torch.sub(s, lse, out=lse).exp_()
-                d_logit = spa.neg_().exp_().sub_(w)  # 1 - pi = exp(-softplus(a))
-                if likelihood == "zip":
-                    d_mean = s.mul_(w)
-                else:
-                    d_mean.mul_(w)
-                    sp.mul_(w)  # dr/dlog theta = w theta (sigmoid(t) - softplus(t)) = -d_mean - theta w sp
+        zero_sum, d_mean, d_logit, sp, theta = (zero_part or dense_zero_part)(
+            likelihood, log_mean, log_theta, logit_pi, grads)
 
         # ---- stored entries: c(x) = log p(x) - log p(0) and its derivatives e_mean, e_theta, e_logit ----
         x = values.to(log_mean.dtype)
@@ -385,7 +400,7 @@ class _SparseLogProb(torch.autograd.Function):
         if d_logit is not None:
             grad_logit = d_logit * g
             grad_logit.view(-1).index_add_(0, flat, e_logit * g_entry)
-        return None, None, None, None, None, grad_log_mean, grad_log_theta, grad_logit
+        return None, None, None, None, None, grad_log_mean, grad_log_theta, grad_logit, None
 
 
 def _broadcasts_to(small: torch.Size, shape: torch.Size) -> bool:
@@ -428,12 +443,14 @@ def sparse_entries(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return offsets, rows, cols, values
 
 
-def log_prob_cells(likelihood: str, x: Tensor, params: dict[str, Tensor]) -> Tensor:
+def log_prob_cells(
+    likelihood: str, x: Tensor, params: dict[str, Tensor], zero_part: Callable | None = None
+) -> Tensor:
     """Per-cell log p(x) (sum over genes); x dense (cells x genes) or a torch sparse CSR tensor.
 
     For sparse x this is sparse-aware: the x=0 log-probability is summed densely and a correction is
     evaluated only at the non-zero entries. Same values and gradients as the dense sum.
-    Sparse COO tensors are accepted too.
+    Sparse COO tensors are accepted too. zero_part: a compiled `dense_zero_part` to use instead of it.
     """
     args = _check_likelihood(likelihood, params)
     if x.dim() != 2:
@@ -454,7 +471,8 @@ def log_prob_cells(likelihood: str, x: Tensor, params: dict[str, Tensor]) -> Ten
     )
     if fused:  # the decoder's shapes
         return _SparseLogProb.apply(
-            likelihood, offsets, rows, cols, values, named["log_mean"], log_theta, named.get("logit_pi")
+            likelihood, offsets, rows, cols, values, named["log_mean"], log_theta, named.get("logit_pi"),
+            zero_part,
         )
     zero_sum = torch.broadcast_to(_log_p0(likelihood, args), shape).sum(-1)
     taken = [_gather(a, rows, cols, shape) for a in args]

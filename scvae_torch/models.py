@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +32,12 @@ def _float32(t: Tensor) -> Tensor:
 def bounded(t: Tensor, low: float, high: float) -> Tensor:
     """t.clamp(low, high), same values and gradients; t itself when nothing needs clamping (the usual case).
 
-    clamp's backward masks the gradient (3-4 passes over a cells x genes tensor); one min/max pass decides
-    that no mask is needed.
+    clamp's backward masks the gradient (3-4 passes over a cells x genes tensor); on the CPU one min/max pass
+    decides that no mask is needed. On a GPU (reading the min/max would make the host wait for the device)
+    and inside torch.compile (which fuses the mask) it is clamp.
     """
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        return t.clamp(low, high)
     t_min, t_max = torch.aminmax(t.detach())
     return t if low <= t_min.item() and t_max.item() <= high else t.clamp(low, high)
 
@@ -55,13 +59,15 @@ def tile_rows(counts: Tensor, times: int) -> Tensor:
                                        (times * counts.shape[0], counts.shape[1]), check_invariants=False)
 
 
-def log_px(likelihood: str, counts: Tensor, params: dict[str, Tensor]) -> Tensor:
-    """Per-cell log p(x | params) (counts dense or sparse CSR), always outside autocast: sums stay float32."""
+def log_px(likelihood: str, counts: Tensor, params: dict[str, Tensor], zero_part: Callable | None = None) -> Tensor:
+    """Per-cell log p(x | params) (counts dense or sparse CSR), always outside autocast: sums stay float32.
+
+    zero_part: a compiled distributions.dense_zero_part (see VAE.zero_part)."""
     device_type = params["log_mean"].device.type
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
-            return D.log_prob_cells(likelihood, counts, {k: _float32(v) for k, v in params.items()})
-    return D.log_prob_cells(likelihood, counts, params)
+            return D.log_prob_cells(likelihood, counts, {k: _float32(v) for k, v in params.items()}, zero_part)
+    return D.log_prob_cells(likelihood, counts, params, zero_part)
 
 
 def gaussian_log_prob(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
@@ -152,6 +158,8 @@ class VAE(nn.Module):
         self.z_mu = nn.Linear(self.encoder.n_out, cfg.latent)
         self.z_logvar = nn.Linear(self.encoder.n_out, cfg.latent)
         self.decoder = Decoder(cfg)
+        # A compiled distributions.dense_zero_part, set by training's `compile` option (None: eager).
+        self.zero_part: Callable | None = None
 
     def _input(self, x: Tensor) -> Tensor:
         return encoder_input(x, self.cfg.log1p_input)
@@ -179,7 +187,7 @@ class VAE(nn.Module):
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         params = self.decode(z, x)
-        log_lik = log_px(self.cfg.likelihood, x if counts is None else counts, params)
+        log_lik = log_px(self.cfg.likelihood, x if counts is None else counts, params, self.zero_part)
         kl_z = gaussian_kl(mu, logvar, torch.zeros_like(mu), torch.zeros_like(logvar))
         kl_y = torch.zeros_like(kl_z)
         kl_z_loss = kl_z.clamp_min(self.cfg.free_nats) if self.cfg.free_nats > 0 else kl_z
@@ -197,7 +205,7 @@ class VAE(nn.Module):
             z = mu + torch.randn((s, *mu.shape), dtype=mu.dtype, device=mu.device) * (0.5 * logvar).exp()
             params = self.decoder(z.reshape(-1, mu.shape[-1]),
                                   None if log_library is None else log_library.repeat(s, 1))
-            log_p = log_px(self.cfg.likelihood, tile_rows(counts, s), params).reshape(s, x.shape[0])
+            log_p = log_px(self.cfg.likelihood, tile_rows(counts, s), params, self.zero_part).reshape(s, x.shape[0])
             log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
             terms.append(log_p + log_pz - gaussian_log_prob(z, mu, logvar))
         return torch.logsumexp(torch.cat(terms), dim=0) - math.log(samples)
@@ -238,6 +246,7 @@ class GMVAE(VAE):
         self.prior_mu = nn.Parameter(torch.randn(K, L))
         self.prior_logvar = nn.Parameter(torch.zeros(K, L))
         self.decoder = Decoder(cfg)
+        self.zero_part: Callable | None = None  # as in VAE
 
     def y_log_probs(self, x: Tensor) -> Tensor:
         """log q(y|x), shape (cells, K)."""
@@ -273,7 +282,7 @@ class GMVAE(VAE):
         log_library = _log_library(x).repeat(K, 1) if self.cfg.library_size else None
         params = self.decoder(z.transpose(0, 1).reshape(K * n, L), log_library)
         counts = tile_rows(x if counts is None else counts, K)
-        return log_px(self.cfg.likelihood, counts, params).reshape(K, n).T
+        return log_px(self.cfg.likelihood, counts, params, self.zero_part).reshape(K, n).T
 
     def forward(self, x: Tensor, kl_weight: float = 1.0, labels: Tensor | None = None,
                 pretrain: bool = False, counts: Tensor | None = None) -> dict[str, Tensor]:

@@ -275,7 +275,9 @@ def adam(model: VAE, tc: TrainConfig) -> torch.optim.Adam:
 
 
 def compile_model(model: VAE, device: torch.device) -> bool:
-    """torch.compile the model's MLPs in place (parameter names unchanged); False, logged, where it cannot."""
+    """torch.compile the model's MLPs in place (parameter names unchanged) and the likelihood's dense x = 0 part
+    (distributions.dense_zero_part, fused into one loop); False, logged, where it cannot."""
+    from .distributions import dense_zero_part
     from .models import MLP, Decoder
 
     try:  # a tiny function first: a missing compiler tool chain fails here, not in the middle of training
@@ -287,6 +289,7 @@ def compile_model(model: VAE, device: torch.device) -> bool:
     for child in model.children():
         if isinstance(child, (MLP, Decoder)):
             child.compile(dynamic=None)
+    model.zero_part = torch.compile(dense_zero_part, dynamic=True)  # minibatch sizes vary: one kernel for all
     return True
 
 
@@ -342,7 +345,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bfloat16")
         epoch, batch0 = state["epoch"], state["batch"]
         history, best_val, best_epoch = state["history"], state["best_val_elbo"], state["best_epoch"]
-        partial = state["partial"]
+        partial, sums = state["partial"], None  # sums: this run's part of the epoch's TERMS sums, on the device
         if epoch or batch0:
             log.info("resuming %s from epoch %d, minibatch %d", out, epoch, batch0)
         n_batches = math.ceil(len(train_idx) / tc.batch_size)
@@ -373,20 +376,23 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                     result = model(batch.counts, kl_weight=weight, labels=y, pretrain=pretraining) \
                         if isinstance(model, GMVAE) else model(batch.counts, kl_weight=weight)
                 loss = result["loss"]
-                if not torch.isfinite(loss):
+                if device.type == "cpu" and not torch.isfinite(loss):  # on a GPU checked once per epoch, below:
                     raise TrainingError(f"non-finite loss at epoch {epoch + 1}, minibatch {b + 1}: stopped; "
-                                        f"the last good checkpoint in {out} is intact")
+                                        f"the last good checkpoint in {out} is intact")  # reading it waits
                 loss.backward()
                 optimiser.step()
-                for k in TERMS:
-                    partial[k] = partial.get(k, 0.0) + result[k].detach().double().sum().item()
+                # The ELBO terms' sums stay on the device (no wait for it per minibatch); NaN there = a bad loss.
+                step_sums = torch.stack([result[k].detach().sum() for k in TERMS]).to(_wide_dtype(device))
+                sums = step_sums if sums is None else sums.add_(step_sums)
                 del result, loss  # the decoded parameters are not kept through the next forward pass
                 partial["n"] = partial.get("n", 0) + len(rows)
                 if received:
+                    partial, sums = _add_sums(partial, sums, epoch, out), None
                     path = _save(out, model, optimiser, cfg, tc, epoch, b + 1, partial, history, best_val,
                                  best_epoch, device)
                     raise TrainingInterrupted(received[0], path)
             batch0 = 0
+            partial, sums = _add_sums(partial, sums, epoch, out), None
             train_terms = {k: partial.get(k, 0.0) / max(partial.get("n", 1), 1) for k in TERMS}
             partial = {}
             val = evaluate_terms(model, source, val_idx, device, batch_size=tc.batch_size,  # memory as training
@@ -434,6 +440,22 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
         }
         atomic_write_text(json.dumps(metrics, indent=2, default=float) + "\n", out / METRICS)
         return metrics
+
+
+def _wide_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums of per-cell terms, except on Apple MPS, which has none."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _add_sums(partial: dict, sums: torch.Tensor | None, epoch: int, out: Path) -> dict:
+    """partial (the epoch's TERMS sums so far, floats) plus the device sums; stops on a non-finite loss."""
+    if sums is None:
+        return partial
+    values = sums.tolist()
+    if not all(map(math.isfinite, values)):
+        raise TrainingError(f"non-finite loss (ELBO terms) in epoch {epoch + 1}: stopped; the last good checkpoint "
+                            f"in {out} is intact")
+    return {**partial, **{k: partial.get(k, 0.0) + v for k, v in zip(TERMS, values)}}
 
 
 def _resume_state(out: Path, cfg: ModelConfig, model: VAE, optimiser: torch.optim.Optimizer,

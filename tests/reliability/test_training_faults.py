@@ -474,6 +474,30 @@ def test_non_finite_loss_stops_naming_epoch_and_keeps_last_checkpoint(tmp_path, 
 
 
 @FAULT
+def test_non_finite_terms_stop_at_the_epoch_end_as_on_a_gpu(tmp_path, small, monkeypatch):
+    """The check a GPU run relies on (it reads no loss per minibatch): the epoch's summed ELBO terms."""
+    X, tr, va = small
+    fit(X, tr, va, MODEL, TrainConfig(epochs=1, batch_size=32, lr=1e-3, seed=0, checkpoint_every=1), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    from scvae_torch.models import VAE
+
+    original = VAE.forward
+    calls = {"n": 0}
+
+    def poisoned(self, x, **kw):  # the loss stays finite: only the end-of-epoch check can see this
+        out = original(self, x, **kw)
+        calls["n"] += 1
+        if self.training and calls["n"] == 2:
+            out["elbo"] = out["elbo"] * float("nan")
+        return out
+
+    monkeypatch.setattr(VAE, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss \(ELBO terms\) in epoch 2"):
+        fit(X, tr, va, MODEL, TrainConfig(epochs=3, batch_size=32, lr=1e-3, seed=0, checkpoint_every=1), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+@FAULT
 def test_non_finite_validation_elbo_stops_naming_the_epoch(tmp_path, small, monkeypatch):
     X, tr, va = small
     fit(X, tr, va, MODEL, TrainConfig(epochs=2, **FIT), tmp_path)
