@@ -253,12 +253,16 @@ def dense_zero_part(
     """The x = 0 part of the per-cell log p(x), sum_g log p(0), and its element-wise derivatives.
 
     Returns (per-cell sum, d/dlog mu, d/dlogit pi, the theta-gradient factor sp, theta); the derivatives
-    are None unless grads. Pure element-wise work over cells x genes: what `torch.compile` can fuse
-    (training's `compile` option passes the compiled function to `log_prob_cells`).
+    are None unless grads, except Poisson's, which is returned as -d/dlog mu = mu (a pass fewer). Pure
+    element-wise work over cells x genes: what `torch.compile` can fuse (training's `compile` option passes
+    the compiled function to `log_prob_cells`).
     """
     # s = log p_base(0), d_mean = ds/dlog mu
     theta = sp = d_mean = d_logit = None
-    if likelihood in ("poisson", "zip"):
+    if likelihood == "poisson":  # log Poisson(0) = -mu = ds/dlog mu: returned as mu, negated (flag) on use
+        mu = torch.exp(log_mean)
+        return mu.sum(-1).neg_(), mu, None, None, None
+    if likelihood == "zip":
         s = torch.exp(log_mean).neg_()  # log Poisson(0) = -mu = ds/dlog mu
     else:
         # NB: s = -theta softplus(t), t = log mu - log theta; ds/dlog mu = -theta sigmoid(t),
@@ -267,9 +271,7 @@ def dense_zero_part(
         t = log_mean - log_theta
         sp = _softplus(t)
         d_mean = t.sigmoid_().mul_(theta.neg()) if grads else None
-    if likelihood == "poisson":
-        zero_sum, d_mean = s.sum(-1), s
-    elif likelihood == "nb":  # sum_g -theta softplus(t): a matrix-vector product when theta is per gene
+    if likelihood == "nb":  # sum_g -theta softplus(t): a matrix-vector product when theta is per gene
         zero_sum = (sp @ theta if theta.dim() == 1 else (sp * theta).sum(-1)).neg_()
     else:
         # Zero-inflated: r = log(pi + (1 - pi) e^s) = logaddexp(a, s) - softplus(a), a = logit pi.
@@ -379,6 +381,7 @@ class _SparseLogProb(torch.autograd.Function):
         total = zero_sum + torch.segment_reduce(c, "sum", offsets=offsets)
         if grads:
             ctx.theta_per_entry = theta_per_entry
+            ctx.mean_negated = likelihood == "poisson"  # dense_zero_part returned mu for d/dlog mu = -mu
             ctx.save_for_backward(rows, flat, theta_index, d_mean, d_logit, sp, theta, e_mean, e_theta, e_logit)
         return total
 
@@ -395,11 +398,12 @@ class _SparseLogProb(torch.autograd.Function):
                 grad_log_theta = (grad @ sp).mul_(theta.reshape(-1)).add_(grad @ d_mean).neg_()
                 grad_log_theta = grad_log_theta.reshape(theta.shape)
             grad_log_theta.view(-1).index_add_(0, theta_index, e_theta * g_entry)
-        grad_log_mean = d_mean * g
-        grad_log_mean.view(-1).index_add_(0, flat, e_mean * g_entry)
+        # put_ with accumulate: index_add_'s result at distinct indices, 20% faster on the CPU
+        grad_log_mean = torch.mul(d_mean, g.neg() if ctx.mean_negated else g)
+        grad_log_mean.view(-1).put_(flat, e_mean * g_entry, accumulate=True)
         if d_logit is not None:
             grad_logit = d_logit * g
-            grad_logit.view(-1).index_add_(0, flat, e_logit * g_entry)
+            grad_logit.view(-1).put_(flat, e_logit * g_entry, accumulate=True)
         return None, None, None, None, None, grad_log_mean, grad_log_theta, grad_logit, None
 
 

@@ -139,13 +139,13 @@ def _log_library(x: Tensor) -> Tensor:
 
 def encoder_input(x: Tensor, log1p: bool) -> Tensor:
     """The encoders' dense input: x or log(1 + x); a sparse CSR x is densified here, log1p taken of its
-    stored values only (log1p(0) = 0), which costs a third of densifying and then taking log1p."""
+    stored values only (log1p(0) = 0), which costs half of densifying and then taking log1p."""
     if x.layout == torch.strided:
         return torch.log1p(x) if log1p else x
     _, rows, cols, values = D.sparse_entries(x)
     dense = torch.zeros(x.shape, dtype=values.dtype, device=values.device)
-    return dense.view(-1).index_add_(0, rows * x.shape[1] + cols, torch.log1p(values) if log1p else values) \
-        .view(x.shape)
+    # a plain write (no accumulation: the entries of a CSR minibatch are distinct), faster than index_add_
+    return dense.index_put_((rows, cols), torch.log1p(values) if log1p else values)
 
 
 class VAE(nn.Module):
