@@ -222,22 +222,24 @@ def evaluate_terms(model: VAE, X: sp.csr_matrix | Source, rows: np.ndarray, devi
     """Mean ELBO terms per cell over `rows`, plus the Poisson-stability statistics of the decoded rates."""
     model.eval()
     source = open_source(X, device)
-    sums = dict.fromkeys(TERMS, 0.0)
-    zero_rate_sum, max_rate, iw_sum = 0.0, 0.0, 0.0
+    wide = _wide_dtype(device)
+    # Sums of TERMS, the zero-count rate, the IW log-likelihood; and the largest rate: kept on the device
+    # (read once at the end, not once per minibatch, which would make the host wait for a GPU each time).
+    sums = torch.zeros(len(TERMS) + 2, dtype=wide, device=device)
+    max_rate = torch.zeros((), dtype=wide, device=device)
     for start in range(0, len(rows), batch_size):
         batch = source.batch(rows[start:start + batch_size])
         x = batch.x
         out = model(x, counts=batch.counts)
-        for k in TERMS:
-            sums[k] += out[k].double().sum().item()
         rate = model.decode(model.latent(x), x)["log_mean"].exp()
-        zero_rate_sum += (rate * (x == 0)).double().sum().item()
-        max_rate = max(max_rate, rate.max().item())
-        if iw_samples:
-            iw_sum += model.iw_log_likelihood(x, iw_samples, counts=batch.counts).double().sum().item()
+        iw = model.iw_log_likelihood(x, iw_samples, counts=batch.counts).sum(dtype=wide) if iw_samples \
+            else sums.new_zeros(())
+        sums += torch.stack([*(out[k].sum(dtype=wide) for k in TERMS), (rate * (x == 0)).sum(dtype=wide), iw])
+        max_rate = torch.maximum(max_rate, rate.max().to(wide))
     n = max(len(rows), 1)
-    result = {k: v / n for k, v in sums.items()}
-    result.update(zero_rate_sum=zero_rate_sum / n, max_rate=max_rate)
+    *terms, zero_rate_sum, iw_sum = sums.tolist()
+    result = {k: v / n for k, v in zip(TERMS, terms)}
+    result.update(zero_rate_sum=zero_rate_sum / n, max_rate=max_rate.item())
     if iw_samples:
         result["iw_log_lik"] = iw_sum / n
     return result
@@ -382,7 +384,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                 loss.backward()
                 optimiser.step()
                 # The ELBO terms' sums stay on the device (no wait for it per minibatch); NaN there = a bad loss.
-                step_sums = torch.stack([result[k].detach().sum() for k in TERMS]).to(_wide_dtype(device))
+                step_sums = torch.stack([result[k].detach().sum(dtype=_wide_dtype(device)) for k in TERMS])
                 sums = step_sums if sums is None else sums.add_(step_sums)
                 del result, loss  # the decoded parameters are not kept through the next forward pass
                 partial["n"] = partial.get("n", 0) + len(rows)
