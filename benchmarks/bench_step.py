@@ -7,14 +7,16 @@ Usage:
 Random MB-20k-shaped minibatches (counts 1 + Poisson(2) at 7% density), VAE with one hidden layer of 128
 and latent 10 as in bench_train.py. Prints:
   1. ms per minibatch of the training step (forward, backward, Adam) per likelihood and the minor page
-     faults per step, with freed memory kept for reuse (training.reuse_freed_memory) and without; each in
-     a fresh process, since the allocator setting is process-wide;
+     faults per step, with freed memory kept for reuse (training.reuse_freed_memory) and without, and with
+     --compile also with training's compile option (training.compile_model); each in a fresh process, since
+     the allocator setting is process-wide;
   2. the NB step with the encoder's first layer as torch.sparse.mm of the CSR minibatch (weights kept
      transposed, the minibatch converted to CSC by scipy for the weight gradient) against the dense layer;
   3. the encoders' input: scipy toarray + dense log1p against models.encoder_input on the CSR minibatch;
   4. the five large matrix products of one step in float32 and bfloat16;
   5. single element-wise passes over a cells x genes tensor whose inputs are not in cache;
-  6. with --compile: the x = 0 part of NB and ZINB with its derivatives, eager against torch.compile.
+  6. with --compile: the x = 0 part with its derivatives (distributions.dense_zero_part), eager against
+     torch.compile.
 Numbers depend on the machine's load: the header prints it; run on a quiet machine.
 """
 
@@ -94,7 +96,7 @@ def worker(job: dict) -> dict:
 
     from scvae_torch.batches import MemorySource
     from scvae_torch.models import build_model
-    from scvae_torch.training import TrainConfig, adam, reuse_freed_memory
+    from scvae_torch.training import TrainConfig, adam, compile_model, reuse_freed_memory
 
     torch.set_num_threads(job["threads"])
     if job["reuse"]:
@@ -106,6 +108,8 @@ def worker(job: dict) -> dict:
                              n_features=job["genes"], log1p_input=True))
     if job.get("sparse_first_layer"):
         _sparse_first_layer(model)
+    if job.get("compile") and not compile_model(model, torch.device("cpu")):
+        return {"error": "torch.compile is unavailable here"}
     optimiser = adam(model, TrainConfig())
     parts = dict.fromkeys(("forward", "backward", "adam"), 0.0)
 
@@ -174,9 +178,9 @@ def main() -> None:
     print("likelihood | freed memory | total | forward | backward | Adam | faults")
     print("--- | --- | --- | --- | --- | --- | ---")
     for likelihood in args.likelihoods.split(","):
-        for reuse in (True, False):
-            r = run_worker({**base, "likelihood": likelihood, "reuse": reuse})
-            kept = "kept for reuse" if reuse else "returned (glibc default)"
+        for reuse, compiled in ((True, False), (False, False)) + (((True, True),) if args.compile else ()):
+            r = run_worker({**base, "likelihood": likelihood, "reuse": reuse, "compile": compiled})
+            kept = ("kept for reuse" if reuse else "returned (glibc default)") + (", compiled" if compiled else "")
             print(f"{likelihood} | {kept} | " + (r["error"] if "error" in r else
                   f"{r['total']:.1f} | {r['forward']:.1f} | {r['backward']:.1f} | {r['adam']:.1f} | "
                   f"{r['faults']:.0f}"), flush=True)
@@ -225,29 +229,19 @@ def main() -> None:
     if args.compile:
         print("\n## 6. x = 0 part with its derivatives: eager vs torch.compile (ms; compile time in s)")
 
-        def nb(lm, lt, a):
-            theta, t = lt.exp(), lm - lt
-            sp = F.softplus(t)
-            return -(sp @ theta), torch.sigmoid(t) * -theta, sp
-
-        def zinb(lm, lt, a):
-            theta, t = lt.exp(), lm - lt
-            sp = F.softplus(t)
-            s = -theta * sp
-            spa, lse = F.softplus(a), torch.logaddexp(a, s)
-            w = torch.exp(s - lse)
-            return lse.sum(-1) - spa.sum(-1), torch.sigmoid(t) * -theta * w, torch.exp(-spa) - w, sp * w
+        from scvae_torch.distributions import dense_zero_part
 
         sets = [(torch.randn(B, G), torch.randn(G) * 0.1, torch.randn(B, G)) for _ in range(8)]
-        for name, f in (("NB", nb), ("ZINB", zinb)):
+        compiled = torch.compile(dense_zero_part, dynamic=True)
+        for likelihood in args.likelihoods.split(","):
             i = iter(range(10 ** 9))
-            eager = _timed(lambda: f(*sets[next(i) % 8]), 30)
-            compiled = torch.compile(f, dynamic=True)
+            eager = _timed(lambda: dense_zero_part(likelihood, *sets[next(i) % 8], True), 30)
             t = time.perf_counter()
-            compiled(*sets[0])
+            compiled(likelihood, *sets[0], True)
             seconds = time.perf_counter() - t
             i = iter(range(10 ** 9))
-            print(f"{name}: eager {eager:.2f}, compiled {_timed(lambda: compiled(*sets[next(i) % 8]), 30):.2f} "
+            print(f"{likelihood}: eager {eager:.2f}, compiled "
+                  f"{_timed(lambda: compiled(likelihood, *sets[next(i) % 8], True), 30):.2f} "
                   f"(first call {seconds:.1f} s)", flush=True)
     load = os.getloadavg()
     print(f"\n# load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

@@ -339,7 +339,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=t.threads, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--precision", default=t.precision,
                    help="float32, or bfloat16 autocast for the MLPs (likelihood sums stay float32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the MLPs and the likelihood's dense x = 0 part (eager where unavailable)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the likelihood's dense x = 0 part (eager where unavailable)")
     p.add_argument("--stream", default=t.stream,
                    help="on: read minibatches from the h5ad file (out-of-core); off: load it; auto: on above "
                         "--stream-above-gb")

@@ -94,7 +94,7 @@ class TrainConfig:
     iw_samples: int = 0         # importance samples for the validation log-likelihood each epoch (0 = off)
     threads: int = 0            # CPU threads for torch (0 = torch's default)
     precision: str = "float32"  # float32 | bfloat16 (autocast for the MLPs; likelihood sums stay float32)
-    compile: bool = False       # torch.compile the MLPs and the x = 0 part of the likelihood (eager where unavailable)
+    compile: bool = False       # torch.compile the likelihood's dense x = 0 part (eager where unavailable)
     stream: str = "auto"        # on: read minibatches from the h5ad file; off: load it; auto: on above stream_above_gb
     stream_above_gb: float = 4.0  # in-memory size (GiB) of the count matrix above which stream=auto streams
 
