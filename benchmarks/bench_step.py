@@ -8,10 +8,11 @@ Random MB-20k-shaped minibatches (counts 1 + Poisson(2) at 7% density), VAE with
 and latent 10 as in bench_train.py. Prints:
   1. ms per minibatch of the training step (forward, backward, Adam) per likelihood and the minor page
      faults per step, with freed memory kept for reuse (training.reuse_freed_memory) and without, and with
-     --compile also with training's compile option (training.compile_model); each in a fresh process, since
-     the allocator setting is process-wide;
+     --compile also with training's compile option (training.compile_model), alone and with the MLPs and
+     the decoder compiled as well; each in a fresh process, since the allocator setting is process-wide;
   2. the NB step with the encoder's first layer as torch.sparse.mm of the CSR minibatch (weights kept
      transposed, the minibatch converted to CSC by scipy for the weight gradient) against the dense layer;
+     and that layer alone, dense against F.embedding_bag of the stored entries;
   3. the encoders' input: scipy toarray + dense log1p against models.encoder_input on the CSR minibatch;
   4. the five large matrix products of one step in float32 and bfloat16;
   5. single element-wise passes over a cells x genes tensor whose inputs are not in cache;
@@ -110,6 +111,9 @@ def worker(job: dict) -> dict:
         _sparse_first_layer(model)
     if job.get("compile") and not compile_model(model, torch.device("cpu")):
         return {"error": "torch.compile is unavailable here"}
+    if job.get("compile_modules"):  # what the compile option also did before: the MLPs and the whole decoder
+        for child in (model.encoder, model.decoder):
+            child.compile()
     optimiser = adam(model, TrainConfig())
     parts = dict.fromkeys(("forward", "backward", "adam"), 0.0)
 
@@ -184,6 +188,11 @@ def main() -> None:
             print(f"{likelihood} | {kept} | " + (r["error"] if "error" in r else
                   f"{r['total']:.1f} | {r['forward']:.1f} | {r['backward']:.1f} | {r['adam']:.1f} | "
                   f"{r['faults']:.0f}"), flush=True)
+        if args.compile:
+            r = run_worker({**base, "likelihood": likelihood, "reuse": True, "compile": True, "compile_modules": True})
+            print(f"{likelihood} | kept for reuse, compiled, MLPs and decoder compiled too | " + (
+                r["error"] if "error" in r else f"{r['total']:.1f} | {r['forward']:.1f} | {r['backward']:.1f} | "
+                f"{r['adam']:.1f} | {r['faults']:.0f}"), flush=True)
 
     print("\n## 2. NB step, encoder's first layer dense or torch.sparse.mm (ms per minibatch)")
     for sparse in (False, True):
@@ -197,6 +206,23 @@ def main() -> None:
     from scvae_torch.batches import torch_csr
 
     csr = torch_csr(S.indptr, S.indices, S.data, S.shape)
+    # the first layer alone, forward and backward: dense input against F.embedding_bag of the stored entries
+    weight = torch.randn(128, args.genes, requires_grad=True)
+    weight_t = torch.randn(args.genes, 128, requires_grad=True)
+    dense_in = torch.log1p(torch.from_numpy(S.toarray()))
+    index, offsets = torch.from_numpy(S.indices).long(), torch.from_numpy(S.indptr[:-1]).long()
+    per_entry = torch.log1p(torch.from_numpy(S.data))
+
+    def dense_layer():
+        F.linear(dense_in, weight).sum().backward()
+        weight.grad = None
+
+    def bag_layer():
+        F.embedding_bag(index, weight_t, offsets, mode="sum", per_sample_weights=per_entry).sum().backward()
+        weight_t.grad = None
+
+    print(f"the first layer alone, forward + backward: dense {_timed(dense_layer, 20):.1f}, "
+          f"F.embedding_bag with per-entry weights {_timed(bag_layer, 20):.1f}")
     print("\n## 3. the encoders' input (ms)")
     print(f"scipy toarray + dense log1p: {_timed(lambda: torch.log1p(torch.from_numpy(S.toarray())), 30):.2f}")
     print(f"models.encoder_input on the CSR minibatch: {_timed(lambda: encoder_input(csr, True), 30):.2f}")

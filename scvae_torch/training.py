@@ -280,8 +280,10 @@ def compile_model(model: VAE, device: torch.device) -> bool:
     """torch.compile the likelihood's dense x = 0 part (distributions.dense_zero_part: a dozen element-wise passes
     over cells x genes fused into one loop) for this model; False, logged, where it cannot.
 
-    Only that part: compiling the MLPs or the decoder's output layers made a CPU step slower (NB 53.9 and
-    65.3 ms against 52.2 eager, against 48.8 ms with this part alone; benchmarks/bench_step.py --compile).
+    Only that part: compiling the MLPs and the decoder as well made a CPU step slower (NB 64.5 ms against 52.2
+    eager and 54.9 with this part alone, which is within the machine's run-to-run noise of eager;
+    benchmarks/bench_step.py --compile, part 1). On a GPU, where element-wise passes are memory-bound, the
+    fusion should pay more (not yet measured).
     """
     from .distributions import dense_zero_part
 
