@@ -398,7 +398,7 @@ class _SparseLogProb(torch.autograd.Function):
                 grad_log_theta = (grad @ sp).mul_(theta.reshape(-1)).add_(grad @ d_mean).neg_()
                 grad_log_theta = grad_log_theta.reshape(theta.shape)
             grad_log_theta.view(-1).index_add_(0, theta_index, e_theta * g_entry)
-        # put_ with accumulate: index_add_'s result at distinct indices, 20% faster on the CPU
+        # put_ with accumulate: index_add_'s result at distinct indices, and faster on the CPU
         grad_log_mean = torch.mul(d_mean, g.neg() if ctx.mean_negated else g)
         grad_log_mean.view(-1).put_(flat, e_mean * g_entry, accumulate=True)
         if d_logit is not None:
