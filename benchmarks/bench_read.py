@@ -1,11 +1,12 @@
 """Benchmark: read an MB-20k-shaped 10x Cell Ranger v2 HDF5 file (20,000 cells x 27,998 genes, ~93% zeros).
 
 Usage: python benchmarks/bench_read.py [--cells 20000] [--genes 27998] [--zeros 0.93] [--seed 0]
-                                       [--file PATH] [--no-prepare]
+                                       [--file PATH] [--no-prepare] [--streamed]
 Simulates the file cell by cell (sparse generation, never a dense matrix; gzip level 1 + shuffle and chunk
 sizes like Cell Ranger v2's PyTables files), then, each in a fresh process, times
   read:    scvae_torch.data.read_10x_h5 (validation included)
   prepare: read + summarize + write_canonical (what `scvae-torch prepare` does)
+  prepare-streamed (with --streamed): the same conversion block by block (`prepare --stream on`)
 and prints seconds, peak traced memory (tracemalloc: numpy buffers) and peak resident-set growth
 (ru_maxrss, everything incl. HDF5 buffers) next to the bytes of the resulting CSR arrays and of a dense
 float32 matrix. With --file the simulated file is kept there (and reused when it exists).
@@ -61,11 +62,21 @@ def measure(path: str, mode: str) -> dict:
 
     from scvae_torch import data
 
-    if mode == "prepare":
+    if mode.startswith("prepare"):
         import anndata  # noqa: F401  (import cost is not part of the measurement)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tracemalloc.start()
     t0 = time.perf_counter()
+    if mode == "prepare-streamed":
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
+            summary = data.write_prepared(data.prepare_input(path, stream="on"), os.path.join(tmp, "counts.h5ad"))
+        seconds = time.perf_counter() - t0
+        _, traced_peak = tracemalloc.get_traced_memory()
+        rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        cells, genes, nnz = summary["cells"], summary["genes"], summary["nonzeros"]
+        return {"mode": mode, "seconds": seconds, "traced_peak": traced_peak, "rss_growth": rss_after - rss_before,
+                "csr_bytes": 8 * nnz + 8 * (cells + 1), "shape": [cells, genes], "nnz": nnz,
+                "dense_bytes": cells * genes * 4}
     counts = data.read_10x_h5(path)
     if mode == "prepare":
         data.summarize(counts)
@@ -89,7 +100,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--file", default=None, help="keep the simulated file here (reused if it exists)")
     parser.add_argument("--no-prepare", action="store_true", help="skip the read + summary + write measurement")
-    parser.add_argument("--measure", choices=("read", "prepare"), help=argparse.SUPPRESS)
+    parser.add_argument("--streamed", action="store_true", help="also measure the block-by-block conversion")
+    parser.add_argument("--measure", choices=("read", "prepare", "prepare-streamed"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.file, args.measure)))
@@ -103,12 +115,12 @@ def main() -> None:
             print(f"simulated {args.cells} x {args.genes} v2 file, {nnz:,} non-zeros "
                   f"({100 * (1 - nnz / (args.cells * args.genes)):.2f}% zeros), {os.path.getsize(path) / MB:.0f} MiB "
                   f"on disk, in {time.perf_counter() - t0:.1f} s")
-        modes = ("read",) if args.no_prepare else ("read", "prepare")
+        modes = (("read",) if args.no_prepare else ("read", "prepare")) + (("prepare-streamed",) if args.streamed else ())
         for mode in modes:
             out = subprocess.run([sys.executable, __file__, "--measure", mode, "--file", path],
                                  check=True, capture_output=True, text=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
-            print(f"{mode:8s} {r['seconds']:6.2f} s   peak traced {r['traced_peak'] / MB:7.0f} MiB "
+            print(f"{mode:16s} {r['seconds']:6.2f} s   peak traced {r['traced_peak'] / MB:7.0f} MiB "
                   f"({r['traced_peak'] / r['csr_bytes']:.2f} x CSR)   peak RSS growth {r['rss_growth'] / MB:7.0f} MiB "
                   f"({r['rss_growth'] / r['csr_bytes']:.2f} x CSR)   CSR arrays {r['csr_bytes'] / MB:.0f} MiB, "
                   f"dense float32 would be {r['dense_bytes'] / MB:.0f} MiB")

@@ -109,6 +109,12 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="drop cells with fewer than N counts in total (0 keeps all)")
     p.add_argument("--min-counts-gene", type=_non_negative_int, default=0, metavar="N",
                    help="then drop genes with fewer than N counts in total over the kept cells (0 keeps all)")
+    p.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
+                   help="10x HDF5: convert block by block of cells, in memory that does not grow with the number "
+                        "of cells (two passes over the file); auto: when the matrix would take more than "
+                        "--stream-above-gb in memory")
+    p.add_argument("--stream-above-gb", type=float, default=4.0, metavar="G",
+                   help="size above which --stream auto converts block by block (scvae_torch.data.STREAM_ABOVE_GB)")
     p.add_argument("--out", required=True, metavar="COUNTS.h5ad", help="canonical AnnData file to write")
     p.add_argument("--summary", default=None, metavar="SUMMARY.json",
                    help="also write cells, genes, non-zeros, sparsity %%, labels and cells per label as JSON")
@@ -123,21 +129,21 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
-    from .data import make_split, read_counts, summarize, write_canonical, write_split, write_summary
+    from .data import make_split, prepare_input, write_prepared, write_split, write_summary
 
     if args.stratify and args.labels is None:
         raise UsageError("--stratify needs --labels")
     if args.stratify and args.split is None:
         raise UsageError("--stratify only applies with --split")
     with _StderrLog("prepare"):
-        counts = read_counts(args.input, args.format, genome=args.genome, layer=args.layer, use_raw=args.use_raw,
-                             labels=args.labels, round_counts=args.round_counts,
-                             min_counts_cell=args.min_counts_cell, min_counts_gene=args.min_counts_gene)
-        summary = summarize(counts)
-        split = (make_split(counts.cells, counts.labels, args.split_fractions, seed=args.split_seed, stratify=args.stratify)
-                 if args.split else None)
-        # everything is computed before the first write, so bad input leaves no output behind
-        write_canonical(counts, args.out)
+        counts = prepare_input(args.input, args.format, stream=args.stream, stream_above_gb=args.stream_above_gb,
+                               genome=args.genome, layer=args.layer, use_raw=args.use_raw, labels=args.labels,
+                               round_counts=args.round_counts, min_counts_cell=args.min_counts_cell,
+                               min_counts_gene=args.min_counts_gene)
+        split = (make_split(counts.cells, getattr(counts, "labels", None), args.split_fractions, seed=args.split_seed,
+                            stratify=args.stratify) if args.split else None)
+        # every value is checked before the first write, so bad input leaves no output behind
+        summary = write_prepared(counts, args.out)
         if args.summary:
             write_summary(summary, args.summary)
         if split is not None:

@@ -19,10 +19,10 @@ else:
     opts = dict(spec["file"])
 keys = ("genome", "layer", "use_raw", "labels", "min_counts_cell", "min_counts_gene")
 try:
-    counts = data.read_counts(snakemake.input[0], opts.get("format", "auto"), round_counts=opts.get("round", False),
-                              **{k: opts[k] for k in keys if k in opts})
-    summary = data.summarize(counts)
-    data.write_canonical(counts, snakemake.output.counts)
+    # a 10x HDF5 file larger than data.STREAM_ABOVE_GB in memory is converted block by block
+    counts = data.prepare_input(snakemake.input[0], opts.get("format", "auto"), round_counts=opts.get("round", False),
+                                **{k: opts[k] for k in keys if k in opts})
+    summary = data.write_prepared(counts, snakemake.output.counts)
     data.write_summary(summary, snakemake.output.summary)
 except data.DataError as err:
     print(f"error: {err}")
