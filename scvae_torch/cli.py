@@ -398,6 +398,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iw-samples", type=int, default=100, help="importance samples for log p(x)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the Monte-Carlo estimates")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    from .config import TrainConfig
+
+    t = TrainConfig()
+    p.add_argument("--stream", default=t.stream, choices=("auto", "on", "off"),
+                   help="read the counts from the file minibatch by minibatch (on), hold them in memory (off), or "
+                        "stream above --stream-above-gb (auto), as `train` does")
+    p.add_argument("--stream-above-gb", type=float, default=t.stream_above_gb,
+                   help="in-memory size of the counts (GiB) above which --stream auto streams")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -417,7 +425,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     m = evaluate_dataset(args.run, args.data, str(out / "metrics.json"), str(out / "latent.h5ad"),
                          split_path=args.split, iw_samples=args.iw_samples, seed=args.seed,
-                         feature_means_path=str(out / "feature_means.tsv"), device=args.device)
+                         feature_means_path=str(out / "feature_means.tsv"), device=args.device, stream=args.stream,
+                         stream_above_gb=args.stream_above_gb)
     iw = f", importance-weighted log p(x) {m['iw_log_lik']:.4f}" if "iw_log_lik" in m else ""
     print(f"test ELBO {m['elbo']:.4f} per cell{iw} on {m['n_cells']} cells; results in {out}")
 

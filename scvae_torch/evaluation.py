@@ -10,46 +10,64 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .batches import load_counts
+from .batches import Source, StreamSource, load_counts, open_source, read_annotations
+from .config import TrainConfig
 from .models import GMVAE, VAE
-from .training import atomic_write_text, evaluate_terms, load_model, minibatch, resolve_device
+from .training import atomic_write_text, evaluate_terms, load_model, resolve_device, streams
+
+CountSource = sp.csr_matrix | Source  # the counts, in memory or read from the file minibatch by minibatch
+
+
+def _batches(X: CountSource, rows: np.ndarray, device: torch.device | str, batch_size: int):
+    """The given cells as sparse CSR count tensors on the device, batch_size at a time, in order."""
+    source = open_source(X, torch.device(device))
+    for s in range(0, len(rows), batch_size):
+        yield source.batch(np.asarray(rows[s:s + batch_size])).counts
 
 
 @torch.no_grad()
-def _per_cell(encode, model: VAE, X: sp.csr_matrix, rows: np.ndarray, device: torch.device | str, batch_size: int,
+def _per_cell(encode, model: VAE, X: CountSource, rows: np.ndarray, device: torch.device | str, batch_size: int,
               width: int) -> np.ndarray:
     """Apply a per-cell function of the model to the given cells, in eval mode and in minibatches."""
     model.eval()
-    device = torch.device(device)
-    parts = [encode(minibatch(X, rows[s:s + batch_size], device)).cpu() for s in range(0, len(rows), batch_size)]
+    parts = [encode(x).cpu() for x in _batches(X, rows, device, batch_size)]
     return torch.cat(parts).numpy() if parts else np.zeros((0, width), np.float32)
 
 
-def latent_means(model: VAE, X: sp.csr_matrix, rows: np.ndarray, device: torch.device | str = "cpu",
+def latent_means(model: VAE, X: CountSource, rows: np.ndarray, device: torch.device | str = "cpu",
                  batch_size: int = 1024) -> np.ndarray:
     """Latent representation (mean of q(z|x), mixed over q(y|x) for a GMVAE) of the given cells."""
     return _per_cell(model.latent, model, X, rows, device, batch_size, model.cfg.latent)
 
 
-def responsibilities(model: GMVAE, X: sp.csr_matrix, rows: np.ndarray, device: torch.device | str = "cpu",
+def responsibilities(model: GMVAE, X: CountSource, rows: np.ndarray, device: torch.device | str = "cpu",
                      batch_size: int = 1024) -> np.ndarray:
     """q(y|x) of a GMVAE for the given cells, shape (cells, K)."""
     return _per_cell(model.responsibilities, model, X, rows, device, batch_size, model.cfg.components)
 
 
 @torch.no_grad()
-def decoded_feature_means(model: VAE, X: sp.csr_matrix, rows: np.ndarray, device: torch.device | str = "cpu",
+def decoded_feature_means(model: VAE, X: CountSource, rows: np.ndarray, device: torch.device | str = "cpu",
                           batch_size: int = 1024) -> np.ndarray:
     """Mean over cells of the decoder's expected count per feature, decoded at each cell's latent mean."""
     from . import distributions as D
 
     model.eval()
-    device = torch.device(device)
     total = torch.zeros(X.shape[1], dtype=torch.float64)
-    for s in range(0, len(rows), batch_size):
-        x = minibatch(X, rows[s:s + batch_size], device)
+    for x in _batches(X, rows, device, batch_size):
         params = model.decode(model.latent(x), x)
         total += D.mean(model.cfg.likelihood, params).double().sum(0).cpu()
+    return (total / max(len(rows), 1)).numpy()
+
+
+def observed_feature_means(X: CountSource, rows: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Mean over the given cells of each feature's observed count."""
+    from .distributions import sparse_entries
+
+    total = torch.zeros(X.shape[1], dtype=torch.float64)
+    for x in _batches(X, rows, "cpu", batch_size):
+        _, _, cols, values = sparse_entries(x)
+        total.index_add_(0, cols, values.double())
     return (total / max(len(rows), 1)).numpy()
 
 
@@ -78,7 +96,7 @@ def pca_kmeans_baseline(X: sp.csr_matrix, k: int, n_pcs: int = 50, seed: int = 0
     return kmeans_labels(pcs, k, seed)
 
 
-def evaluate_model(model: VAE, X: sp.csr_matrix, rows: np.ndarray, iw_samples: int = 100, seed: int = 0,
+def evaluate_model(model: VAE, X: CountSource, rows: np.ndarray, iw_samples: int = 100, seed: int = 0,
                    device: torch.device | str = "cpu", batch_size: int = 256) -> dict[str, float]:
     """Mean test ELBO and its parts per cell, and the importance-weighted log-likelihood with iw_samples draws."""
     torch.manual_seed(seed)
@@ -92,15 +110,39 @@ def evaluate_model(model: VAE, X: sp.csr_matrix, rows: np.ndarray, iw_samples: i
 
 def evaluate_dataset(model_dir: str, data_path: str, metrics_path: str, latent_path: str,
                      split_path: str | None = None, iw_samples: int = 100, seed: int = 0,
-                     feature_means_path: str | None = None, device: str = "auto") -> dict:
-    """Evaluate a run folder on the test split; write metrics JSON, latent.h5ad and optional feature means."""
+                     feature_means_path: str | None = None, device: str = "auto", stream: str = "auto",
+                     stream_above_gb: float = TrainConfig.stream_above_gb) -> dict:
+    """Evaluate a run folder on the test split; write metrics JSON, latent.h5ad and optional feature means.
+
+    stream as in training: 'on' (or 'auto' above stream_above_gb GiB) reads the counts from the file
+    minibatch by minibatch instead of holding them (compactly) in memory."""
     import anndata as ad
 
     from . import data
 
     dev = resolve_device(device)
     model = load_model(model_dir, dev)
-    X, cells, labels, genes = load_counts(data_path)  # whole counts held compactly (memory)
+    if streams(data_path, TrainConfig(stream=stream, stream_above_gb=stream_above_gb)):
+        cells, labels, genes = read_annotations(data_path)
+        X = StreamSource(data_path, dev)
+    else:
+        X, cells, labels, genes = load_counts(data_path)  # whole counts held compactly (memory)
+    try:
+        return _evaluate(model, X, cells, labels, genes, model_dir, metrics_path, latent_path, split_path,
+                         iw_samples, seed, feature_means_path, dev)
+    finally:
+        if isinstance(X, StreamSource):
+            X.close()
+
+
+def _evaluate(model: VAE, X: CountSource, cells: np.ndarray, labels: np.ndarray | None, genes: np.ndarray,
+              model_dir: str, metrics_path: str, latent_path: str, split_path: str | None, iw_samples: int,
+              seed: int, feature_means_path: str | None, dev: torch.device) -> dict:
+    """evaluate_dataset's work on counts already opened."""
+    import anndata as ad
+
+    from . import data
+
     split = Path(split_path) if split_path else Path(model_dir) / "split.tsv"
     subsets = data.read_split(str(split), cells)
     test = subsets["test"]
@@ -127,7 +169,7 @@ def evaluate_dataset(model_dir: str, data_path: str, metrics_path: str, latent_p
     _atomic_h5ad(latent, Path(latent_path))
     if feature_means_path:
         table = pd.DataFrame({"feature": genes.astype(str),
-                              "observed_mean": np.asarray(X[test].mean(0)).ravel(),
+                              "observed_mean": observed_feature_means(X, test),
                               "decoded_mean": decoded_feature_means(model, X, test, dev)})
         atomic_write_text(table.to_csv(sep="\t", index=False), Path(feature_means_path))
     atomic_write_text(json.dumps(metrics, indent=2) + "\n", Path(metrics_path))
