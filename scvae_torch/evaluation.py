@@ -18,37 +18,47 @@ from .training import atomic_write_text, evaluate_terms, load_model, resolve_dev
 CountSource = sp.csr_matrix | Source  # the counts, in memory or read from the file minibatch by minibatch
 
 
-def _batches(X: CountSource, rows: np.ndarray, device: torch.device | str, batch_size: int):
-    """The given cells as sparse CSR count tensors on the device, batch_size at a time, in order."""
+def _batches(X: CountSource, rows: np.ndarray, device: torch.device | str, batch_size: int | None):
+    """The given cells as sparse CSR count tensors on the device, batch_size at a time, in order (default: as
+    many as keep a dense cells x genes tensor under 2^23 values, at most 1024: 32 MB for 28,000 genes)."""
+    batch_size = batch_size or max(1, min(1024, (1 << 23) // max(X.shape[1], 1)))
     source = open_source(X, torch.device(device))
     for s in range(0, len(rows), batch_size):
         yield source.batch(np.asarray(rows[s:s + batch_size])).counts
 
 
 @torch.no_grad()
-def _per_cell(encode, model: VAE, X: CountSource, rows: np.ndarray, device: torch.device | str, batch_size: int,
-              width: int) -> np.ndarray:
+def _per_cell(encode, model: VAE, X: CountSource, rows: np.ndarray, device: torch.device | str,
+              batch_size: int | None, width: int) -> np.ndarray:
     """Apply a per-cell function of the model to the given cells, in eval mode and in minibatches."""
     model.eval()
-    parts = [encode(x).cpu() for x in _batches(X, rows, device, batch_size)]
-    return torch.cat(parts).numpy() if parts else np.zeros((0, width), np.float32)
+    # Written into one array made up front: a list of small per-batch results, each allocated between the
+    # batches' large temporaries, fragmented the heap so much that memory grew with the number of cells
+    # (2 GB more after 120,000 cells of 28,000 genes).
+    out = np.empty((len(rows), width), np.float32)
+    start = 0
+    for x in _batches(X, rows, device, batch_size):
+        part = encode(x)
+        out[start:start + part.shape[0]] = part.cpu().numpy()
+        start += part.shape[0]
+    return out
 
 
 def latent_means(model: VAE, X: CountSource, rows: np.ndarray, device: torch.device | str = "cpu",
-                 batch_size: int = 1024) -> np.ndarray:
+                 batch_size: int | None = None) -> np.ndarray:
     """Latent representation (mean of q(z|x), mixed over q(y|x) for a GMVAE) of the given cells."""
     return _per_cell(model.latent, model, X, rows, device, batch_size, model.cfg.latent)
 
 
 def responsibilities(model: GMVAE, X: CountSource, rows: np.ndarray, device: torch.device | str = "cpu",
-                     batch_size: int = 1024) -> np.ndarray:
+                     batch_size: int | None = None) -> np.ndarray:
     """q(y|x) of a GMVAE for the given cells, shape (cells, K)."""
     return _per_cell(model.responsibilities, model, X, rows, device, batch_size, model.cfg.components)
 
 
 @torch.no_grad()
 def decoded_feature_means(model: VAE, X: CountSource, rows: np.ndarray, device: torch.device | str = "cpu",
-                          batch_size: int = 1024) -> np.ndarray:
+                          batch_size: int | None = None) -> np.ndarray:
     """Mean over cells of the decoder's expected count per feature, decoded at each cell's latent mean."""
     from . import distributions as D
 
@@ -60,7 +70,7 @@ def decoded_feature_means(model: VAE, X: CountSource, rows: np.ndarray, device: 
     return (total / max(len(rows), 1)).numpy()
 
 
-def observed_feature_means(X: CountSource, rows: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+def observed_feature_means(X: CountSource, rows: np.ndarray, batch_size: int | None = None) -> np.ndarray:
     """Mean over the given cells of each feature's observed count."""
     from .distributions import sparse_entries
 
