@@ -13,7 +13,13 @@ import torch
 from .batches import Source, StreamSource, load_counts, open_source, read_annotations
 from .config import TrainConfig
 from .models import GMVAE, VAE
-from .training import atomic_write_text, evaluate_terms, load_model, resolve_device, streams
+from .training import (
+    atomic_write_text,
+    evaluate_terms,
+    load_model,
+    resolve_device,
+    streams,
+)
 
 CountSource = sp.csr_matrix | Source  # the counts, in memory or read from the file minibatch by minibatch
 
@@ -126,10 +132,6 @@ def evaluate_dataset(model_dir: str, data_path: str, metrics_path: str, latent_p
 
     stream as in training: 'on' (or 'auto' above stream_above_gb GiB) reads the counts from the file
     minibatch by minibatch instead of holding them (compactly) in memory."""
-    import anndata as ad
-
-    from . import data
-
     dev = resolve_device(device)
     model = load_model(model_dir, dev)
     if streams(data_path, TrainConfig(stream=stream, stream_above_gb=stream_above_gb)):
