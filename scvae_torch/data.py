@@ -848,20 +848,45 @@ def write_10x_streamed(plan: StreamedPlan, out: str) -> dict:
     _check_space(out, int(1.05 * (8 * plan.nonzeros_bound + 8 * (n_cells + 1) + _names_bytes(plan.cells, plan.genes)))
                  + (1 << 20))
     obs, var = _obs_var(out, plan.cells, plan.genes, None, plan.gene_ids)
-    nonzeros, total, max_count = 0, 0.0, 0.0
     with _atomic_path(out, suffix=".h5ad") as tmp:
         anndata.AnnData(obs=obs, var=var).write_h5ad(tmp)  # obs, var and the empty slots; X written below
-        with _open_hdf5(plan.path) as f, h5py.File(tmp, "r+") as h:
+        try:
+            nonzeros, total, max_count = _write_x_streamed(plan, tmp, n_cells, n_genes)
+        except _WriteFailed as err:  # the output's error (a full disk...), not the input's
+            raise err.__cause__ from None
+    return {"cells": n_cells, "genes": n_genes, "nonzeros": nonzeros,
+            "sparsity_percent": round(100.0 * (1.0 - nonzeros / (n_cells * n_genes)), 4),
+            "total_counts": round(total), "max_count": int(max_count), "labels": None, "label_counts": None}
+
+
+class _WriteFailed(Exception):
+    """Writing the output failed (its cause is the error); kept apart from read errors of the input file."""
+
+
+def _write_x_streamed(plan: StreamedPlan, tmp: str, n_cells: int, n_genes: int) -> tuple[int, float, float]:
+    """Write X of the canonical file at tmp from the 10x file, block by block; (non-zeros, total, maximum)."""
+    nonzeros, total, max_count = 0, 0.0, 0.0
+    try:
+        h = h5py.File(tmp, "r+")
+    except OSError as err:
+        raise _WriteFailed from err
+    with h:
+        with _open_hdf5(plan.path) as f:
             group, _, n_file_genes, *_ = _10x_metadata(f, plan.path, plan.genome)
             indptr = group["indptr"][()].astype(np.int64)
-            X_out = h.create_group("X")  # anndata's CSR encoding, written directly so that it can grow
-            X_out.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
-                                "shape": np.array([n_cells, n_genes])})
-            chunk = (min(max(plan.nonzeros_bound, 1), 1 << 18),)
-            data = X_out.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=chunk)
-            indices = X_out.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=chunk)
-            out_indptr = X_out.create_dataset("indptr", shape=(n_cells + 1,), dtype=np.int64)
-            out_indptr[0] = 0
+            integer_source = group["data"].dtype.kind in "iub"
+            try:
+                X_out = h.create_group("X")  # anndata's CSR encoding, written directly so that it can grow
+                X_out.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                                    "shape": np.array([n_cells, n_genes])})
+                chunk = (min(max(plan.nonzeros_bound, 1), 1 << 18),)
+                data = X_out.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=chunk)
+                indices = X_out.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32,
+                                               chunks=chunk)
+                out_indptr = X_out.create_dataset("indptr", shape=(n_cells + 1,), dtype=np.int64)
+                out_indptr[0] = 0
+            except (OSError, RuntimeError, ValueError) as err:
+                raise _WriteFailed from err
             row = 0
             for lo, hi in _cell_blocks(indptr, plan.block_nonzeros):
                 kept = plan.keep_cells[lo:hi]
@@ -870,22 +895,22 @@ def write_10x_streamed(plan: StreamedPlan, out: str) -> dict:
                 block = _read_block(group, indptr, lo, hi, n_file_genes, plan.path)
                 block = block if kept.all() else block[kept]
                 block = block if len(plan.columns) == n_file_genes else block[:, plan.columns]
-                block = _check_values(block, f"{plan.path} (cells {lo + 1}-{hi})",
-                                      group["data"].dtype.kind in "iub", plan.round_counts)
+                block = _check_values(block, f"{plan.path} (cells {lo + 1}-{hi})", integer_source, plan.round_counts)
                 size = block.nnz
-                data.resize((nonzeros + size,))
-                indices.resize((nonzeros + size,))
-                data[nonzeros:] = block.data
-                indices[nonzeros:] = block.indices
-                out_indptr[row + 1:row + 1 + block.shape[0]] = nonzeros + block.indptr[1:]
+                try:
+                    data.resize((nonzeros + size,))
+                    indices.resize((nonzeros + size,))
+                    data[nonzeros:] = block.data
+                    indices[nonzeros:] = block.indices
+                    out_indptr[row + 1:row + 1 + block.shape[0]] = nonzeros + block.indptr[1:]
+                except (OSError, RuntimeError, ValueError) as err:
+                    raise _WriteFailed from err
                 row += block.shape[0]
                 nonzeros += size
                 if size:
                     total += float(block.data.sum(dtype=np.float64))
                     max_count = max(max_count, float(block.data.max()))
-    return {"cells": n_cells, "genes": n_genes, "nonzeros": nonzeros,
-            "sparsity_percent": round(100.0 * (1.0 - nonzeros / (n_cells * n_genes)), 4),
-            "total_counts": round(total), "max_count": int(max_count), "labels": None, "label_counts": None}
+    return nonzeros, total, max_count
 
 
 STREAM_ABOVE_GB = 4.0  # `prepare` converts a 10x HDF5 file block by block when its matrix takes more in memory

@@ -135,3 +135,21 @@ def test_output_is_written_in_blocks(tmp_path, monkeypatch):
     assert len(sizes) > 20 and max(sizes) <= 40
     with h5py.File(tmp_path / "o.h5ad") as f:
         assert f["X"]["indptr"].dtype == np.int64  # room for more than 2^31 stored counts
+
+
+def test_a_failing_write_is_the_outputs_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """A full disk while writing X is reported as the output's OSError, not as a damaged input file."""
+    _v3(tmp_path / "in.h5")
+    plan = data.prepare_input(tmp_path / "in.h5", stream="on", block_nonzeros=300)
+    out = tmp_path / "c.h5ad"
+    out.write_text("the previous result")
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(h5py.Dataset, "resize", full)
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        data.write_prepared(plan, out)
+    assert not isinstance(caught.value, DataError)
+    assert out.read_text() == "the previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5ad", "in.h5"]
