@@ -870,46 +870,45 @@ def _write_x_streamed(plan: StreamedPlan, tmp: str, n_cells: int, n_genes: int) 
         h = h5py.File(tmp, "r+")
     except OSError as err:
         raise _WriteFailed from err
-    with h:
-        with _open_hdf5(plan.path) as f:
-            group, _, n_file_genes, *_ = _10x_metadata(f, plan.path, plan.genome)
-            indptr = group["indptr"][()].astype(np.int64)
-            integer_source = group["data"].dtype.kind in "iub"
+    with h, _open_hdf5(plan.path) as f:
+        group, _, n_file_genes, *_ = _10x_metadata(f, plan.path, plan.genome)
+        indptr = group["indptr"][()].astype(np.int64)
+        integer_source = group["data"].dtype.kind in "iub"
+        try:
+            X_out = h.create_group("X")  # anndata's CSR encoding, written directly so that it can grow
+            X_out.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                                "shape": np.array([n_cells, n_genes])})
+            chunk = (min(max(plan.nonzeros_bound, 1), 1 << 18),)
+            data = X_out.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=chunk)
+            indices = X_out.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32,
+                                           chunks=chunk)
+            out_indptr = X_out.create_dataset("indptr", shape=(n_cells + 1,), dtype=np.int64)
+            out_indptr[0] = 0
+        except (OSError, RuntimeError, ValueError) as err:
+            raise _WriteFailed from err
+        row = 0
+        for lo, hi in _cell_blocks(indptr, plan.block_nonzeros):
+            kept = plan.keep_cells[lo:hi]
+            if not kept.any():
+                continue
+            block = _read_block(group, indptr, lo, hi, n_file_genes, plan.path)
+            block = block if kept.all() else block[kept]
+            block = block if len(plan.columns) == n_file_genes else block[:, plan.columns]
+            block = _check_values(block, f"{plan.path} (cells {lo + 1}-{hi})", integer_source, plan.round_counts)
+            size = block.nnz
             try:
-                X_out = h.create_group("X")  # anndata's CSR encoding, written directly so that it can grow
-                X_out.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
-                                    "shape": np.array([n_cells, n_genes])})
-                chunk = (min(max(plan.nonzeros_bound, 1), 1 << 18),)
-                data = X_out.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=chunk)
-                indices = X_out.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32,
-                                               chunks=chunk)
-                out_indptr = X_out.create_dataset("indptr", shape=(n_cells + 1,), dtype=np.int64)
-                out_indptr[0] = 0
+                data.resize((nonzeros + size,))
+                indices.resize((nonzeros + size,))
+                data[nonzeros:] = block.data
+                indices[nonzeros:] = block.indices
+                out_indptr[row + 1:row + 1 + block.shape[0]] = nonzeros + block.indptr[1:]
             except (OSError, RuntimeError, ValueError) as err:
                 raise _WriteFailed from err
-            row = 0
-            for lo, hi in _cell_blocks(indptr, plan.block_nonzeros):
-                kept = plan.keep_cells[lo:hi]
-                if not kept.any():
-                    continue
-                block = _read_block(group, indptr, lo, hi, n_file_genes, plan.path)
-                block = block if kept.all() else block[kept]
-                block = block if len(plan.columns) == n_file_genes else block[:, plan.columns]
-                block = _check_values(block, f"{plan.path} (cells {lo + 1}-{hi})", integer_source, plan.round_counts)
-                size = block.nnz
-                try:
-                    data.resize((nonzeros + size,))
-                    indices.resize((nonzeros + size,))
-                    data[nonzeros:] = block.data
-                    indices[nonzeros:] = block.indices
-                    out_indptr[row + 1:row + 1 + block.shape[0]] = nonzeros + block.indptr[1:]
-                except (OSError, RuntimeError, ValueError) as err:
-                    raise _WriteFailed from err
-                row += block.shape[0]
-                nonzeros += size
-                if size:
-                    total += float(block.data.sum(dtype=np.float64))
-                    max_count = max(max_count, float(block.data.max()))
+            row += block.shape[0]
+            nonzeros += size
+            if size:
+                total += float(block.data.sum(dtype=np.float64))
+                max_count = max(max_count, float(block.data.max()))
     return nonzeros, total, max_count
 
 
