@@ -132,11 +132,7 @@ def _finish(path: str, X: sp.csr_matrix, genes, cells, labels=None, gene_ids=Non
     if X.shape != (len(cells), len(genes)):
         raise _error(path, f"matrix is {X.shape[0]} x {X.shape[1]} (cells x genes) but there are "
                            f"{len(cells)} cell ids and {len(genes)} gene names")
-    if len(cells) == 0 or len(genes) == 0:
-        raise _error(path, f"holds no data ({len(cells)} cells x {len(genes)} genes)")
-    dup = pd.Index(cells).duplicated()
-    if dup.any():
-        raise _error(path, f"{int(dup.sum())} duplicate cell ids (e.g. {_example(cells[dup])}); cell ids must be unique")
+    _check_cells(path, cells, len(genes))
     if labels is not None:
         labels = _as_strings(labels, path, "labels")
     if gene_ids is not None:
@@ -145,6 +141,15 @@ def _finish(path: str, X: sp.csr_matrix, genes, cells, labels=None, gene_ids=Non
         integer_source = X.dtype.kind in "iub"
     X = _check_values(X.tocsr(), path, integer_source, round_counts)
     return Counts(X=X, genes=genes, cells=cells, labels=labels, gene_ids=gene_ids)
+
+
+def _check_cells(path: str, cells: np.ndarray, n_genes: int) -> None:
+    """Refuse a matrix without cells or genes, and duplicate cell ids."""
+    if len(cells) == 0 or n_genes == 0:
+        raise _error(path, f"holds no data ({len(cells)} cells x {n_genes} genes)")
+    dup = pd.Index(cells).duplicated()
+    if dup.any():
+        raise _error(path, f"{int(dup.sum())} duplicate cell ids (e.g. {_example(cells[dup])}); cell ids must be unique")
 
 
 def _keep_features(X: sp.csr_matrix, keep: np.ndarray, genes: np.ndarray, gene_ids, path: str, why: str):
@@ -182,8 +187,9 @@ def _dataset(group: h5py.Group, name: str, path: str) -> h5py.Dataset:
     return item
 
 
-def _read_compressed(group: h5py.Group, path: str, n_rows: int, n_cols: int) -> tuple[sp.csr_matrix, bool]:
-    """CSR (n_rows x n_cols) straight from group's data/indices/indptr (indptr over rows), never dense."""
+def _csr_layout(group: h5py.Group, path: str, n_rows: int, n_cols: int) -> tuple[np.ndarray, bool]:
+    """Check group's data/indices/indptr (indptr over rows) against the shape; the row offsets (int32 where they
+    fit, else int64) and whether the values are stored as integers."""
     data_ds, indices_ds, indptr_ds = (_dataset(group, n, path) for n in ("data", "indices", "indptr"))
     where = group.name
     nnz = data_ds.shape[0] if data_ds.ndim == 1 else -1
@@ -196,17 +202,20 @@ def _read_compressed(group: h5py.Group, path: str, n_rows: int, n_cols: int) -> 
     indptr = indptr_ds.astype(idx_dtype)[()]
     if indptr[0] != 0 or indptr[-1] != nnz or np.any(np.diff(indptr) < 0):
         raise _error(path, f"{where}: 'indptr' is not a valid pointer array for {nnz} non-zeros")
-    indices = indices_ds.astype(idx_dtype)[()]
-    if nnz and (indices.min() < 0 or indices.max() >= n_cols):
-        raise _error(path, f"{where}: 'indices' run outside 0..{n_cols - 1} (the shape disagrees with the data)")
-    kind = data_ds.dtype.kind
-    if kind in "iub":
-        data = data_ds.astype(np.float32)[()]  # converted while reading: no second full-size copy
-    elif kind == "f":
-        data = data_ds[()]
-    else:
+    if data_ds.dtype.kind not in "iubf":
         raise _error(path, f"{where}: 'data' holds {data_ds.dtype}, not numbers")
-    return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_cols)), kind in "iub"
+    return indptr, data_ds.dtype.kind in "iub"
+
+
+def _read_compressed(group: h5py.Group, path: str, n_rows: int, n_cols: int) -> tuple[sp.csr_matrix, bool]:
+    """CSR (n_rows x n_cols) straight from group's data/indices/indptr (indptr over rows), never dense."""
+    indptr, integer_source = _csr_layout(group, path, n_rows, n_cols)
+    indices = group["indices"].astype(indptr.dtype)[()]
+    if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
+        raise _error(path, f"{group.name}: 'indices' run outside 0..{n_cols - 1} (the shape disagrees with the data)")
+    data_ds = group["data"]
+    data = data_ds.astype(np.float32)[()] if integer_source else data_ds[()]  # converted while reading: one copy
+    return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_cols)), integer_source
 
 
 # --- readers --------------------------------------------------------------------------------------
@@ -561,23 +570,37 @@ def filter_counts(counts: Counts, min_counts_cell: int = 0, min_counts_gene: int
     if not keep.all():
         X, cells = X[keep], cells[keep]
         labels = None if labels is None else labels[keep]
-    if min_counts_cell:
-        log.info("%s: dropped %d of %d cells with fewer than %d counts", source, int((~keep).sum()), keep.size,
-                 min_counts_cell)
+    _report_dropped(source, "cells", keep, min_counts_cell)
     keep = np.asarray(X.sum(axis=0, dtype=np.float64)).ravel() >= min_counts_gene
     if not keep.all():
         cols = np.flatnonzero(keep)
         X, genes = X[:, cols], genes[cols]
         gene_ids = None if gene_ids is None else gene_ids[cols]
-    if min_counts_gene:
-        log.info("%s: dropped %d of %d genes with fewer than %d counts", source, int((~keep).sum()), keep.size,
-                 min_counts_gene)
-    if X.shape[0] == 0 or X.shape[1] == 0:
+    _report_dropped(source, "genes", keep, min_counts_gene)
+    _check_left(source, X.shape[0], X.shape[1], min_counts_cell, min_counts_gene)
+    return Counts(X=X, genes=genes, cells=cells, labels=labels, gene_ids=gene_ids)
+
+
+def _report_dropped(source: str, what: str, keep: np.ndarray, minimum: int) -> None:
+    """Log how many cells or genes a count threshold dropped (when one was set)."""
+    if minimum:
+        log.info("%s: dropped %d of %d %s with fewer than %d counts", source, int((~keep).sum()), keep.size, what,
+                 minimum)
+
+
+def _check_left(source: str, n_cells: int, n_genes: int, min_counts_cell: int, min_counts_gene: int) -> None:
+    """Refuse a matrix the count thresholds emptied."""
+    if n_cells == 0 or n_genes == 0:
         rules = [f"{what} with fewer than {n} counts" for what, n in (("cells", min_counts_cell),
                                                                       ("genes", min_counts_gene)) if n]
-        raise _error(source, f"no data left after dropping {' and '.join(rules)} "
-                             f"({X.shape[0]} cells x {X.shape[1]} genes)")
-    return Counts(X=X, genes=genes, cells=cells, labels=labels, gene_ids=gene_ids)
+        raise _error(source, f"no data left after dropping {' and '.join(rules)} ({n_cells} cells x {n_genes} genes)")
+
+
+def _summary_row(n_cells: int, n_genes: int, nonzeros: int, total: float, max_count: float) -> dict:
+    """The summary's counts (labels filled in by the caller when there are any)."""
+    return {"cells": int(n_cells), "genes": int(n_genes), "nonzeros": int(nonzeros),
+            "sparsity_percent": round(100.0 * (1.0 - nonzeros / (n_cells * n_genes)), 4),
+            "total_counts": round(total), "max_count": int(max_count), "labels": None, "label_counts": None}
 
 
 def _natural_key(text: str) -> list:
@@ -587,18 +610,9 @@ def _natural_key(text: str) -> list:
 
 def summarize(counts: Counts) -> dict:
     """The data set's Table 1 row: cells, genes, non-zeros, sparsity %, labels and cells per label."""
-    n_cells, n_genes = counts.X.shape
     nonzeros = int(counts.X.count_nonzero())
-    summary = {
-        "cells": int(n_cells),
-        "genes": int(n_genes),
-        "nonzeros": nonzeros,
-        "sparsity_percent": round(100.0 * (1.0 - nonzeros / (n_cells * n_genes)), 4),
-        "total_counts": int(round(counts.X.sum(dtype=np.float64))),
-        "max_count": int(counts.X.max()) if nonzeros else 0,
-        "labels": None,
-        "label_counts": None,
-    }
+    summary = _summary_row(*counts.X.shape, nonzeros, float(counts.X.sum(dtype=np.float64)),
+                           float(counts.X.max()) if nonzeros else 0.0)
     if counts.labels is not None:
         names, sizes = np.unique(counts.labels.astype(str), return_counts=True)
         summary["labels"] = int(names.size)
@@ -736,9 +750,10 @@ def _hand_back_large_blocks() -> None:
     """On glibc, serve every allocation over 1 MiB by mmap, so that it goes back to the system when freed.
 
     glibc's default raises that threshold to the largest block freed so far; the conversion's blocks then
-    come from the heap, whose fragments kept the process growing with the number of blocks (peak RSS 355 MB
-    at 80,000 cells against 268 MB at 20,000; 268 and 245 MB with this). Process-wide; no effect elsewhere
-    (and none after training.reuse_freed_memory, which turns mmap off: not done in the same process).
+    come from the heap, whose fragments kept the process growing with the number of blocks (`python
+    benchmarks/bench_read.py --streamed --cells 20000|80000`: peak RSS growth 186 and 289 MiB without this,
+    156 and 188 MiB with it). Process-wide; no effect elsewhere (and none after
+    training.reuse_freed_memory, which turns mmap off: not done in the same process).
     """
     import ctypes
 
@@ -774,40 +789,23 @@ def plan_10x_streamed(path: str, genome: str | None = None, round_counts: bool =
                       min_counts_gene: int = 0, block_nonzeros: int = STREAM_BLOCK_NONZEROS) -> StreamedPlan:
     """First pass of the out-of-core conversion: check every value, apply the feature and count filters.
 
-    Reads the file one block of cells at a time, so memory does not grow with the number of cells (the
-    per-cell offsets and totals, 16 bytes per cell, apart). Same checks, filters and messages as read_10x_h5
-    followed by filter_counts; a bad block is named by its cells.
+    Reads the file one block of cells at a time, so the matrix is never held (the cell ids and per-cell offsets
+    and totals are). Same checks, filters and messages as read_10x_h5 followed by filter_counts; a bad block is
+    named by its cells.
     """
     path = os.fspath(path)
     _hand_back_large_blocks()
     with _open_hdf5(path) as f:
         group, n_cells, n_genes, cells, genes, gene_ids, filters = _10x_metadata(f, path, genome)
-        data_ds, indices_ds, indptr_ds = (_dataset(group, n, path) for n in ("data", "indices", "indptr"))
-        nnz = data_ds.shape[0] if data_ds.ndim == 1 else -1
-        if nnz < 0 or indices_ds.shape != (nnz,):
-            raise _error(path, f"{group.name}: 'data' and 'indices' disagree in length ({data_ds.shape} vs "
-                               f"{indices_ds.shape})")
-        if indptr_ds.shape != (n_cells + 1,):
-            raise _error(path, f"{group.name}: 'indptr' has {indptr_ds.shape[0] if indptr_ds.ndim else 0} entries "
-                               f"but the shape says {n_cells} columns of cells (expected {n_cells + 1})")
-        if data_ds.dtype.kind not in "iubf":
-            raise _error(path, f"{group.name}: 'data' holds {data_ds.dtype}, not numbers")
-        indptr = indptr_ds[()].astype(np.int64)
-        if indptr[0] != 0 or indptr[-1] != nnz or np.any(np.diff(indptr) < 0):
-            raise _error(path, f"{group.name}: 'indptr' is not a valid pointer array for {nnz} non-zeros")
-        if len(cells) == 0 or n_genes == 0:
-            raise _error(path, f"holds no data ({len(cells)} cells x {n_genes} genes)")
+        indptr, integer_source = _csr_layout(group, path, n_cells, n_genes)
+        indptr = indptr.astype(np.int64)
         cells = _as_strings(cells, path, "cell ids")
-        dup = pd.Index(cells).duplicated()
-        if dup.any():
-            raise _error(path, f"{int(dup.sum())} duplicate cell ids (e.g. {_example(cells[dup])}); cell ids must "
-                               f"be unique")
+        _check_cells(path, cells, n_genes)
         columns = np.arange(n_genes)
         for keep, why in filters:
             if not keep.all():
                 log.info("%s: kept %d of %d features (%s)", path, int(keep.sum()), keep.size, why)
                 columns, genes, gene_ids = columns[keep], genes[keep], gene_ids[keep]
-        integer_source = data_ds.dtype.kind in "iub"
         cell_totals = np.zeros(n_cells)
         cell_nonzeros = np.zeros(n_cells, dtype=np.int64)
         gene_totals = np.zeros(len(columns))
@@ -820,18 +818,10 @@ def plan_10x_streamed(path: str, genome: str | None = None, round_counts: bool =
             kept = cell_totals[lo:hi] >= min_counts_cell
             gene_totals += np.asarray(X[kept].sum(axis=0, dtype=np.float64)).ravel()
     keep_cells = cell_totals >= min_counts_cell
-    if min_counts_cell:
-        log.info("%s: dropped %d of %d cells with fewer than %d counts", path, int((~keep_cells).sum()),
-                 keep_cells.size, min_counts_cell)
+    _report_dropped(path, "cells", keep_cells, min_counts_cell)
     keep_genes = gene_totals >= min_counts_gene
-    if min_counts_gene:
-        log.info("%s: dropped %d of %d genes with fewer than %d counts", path, int((~keep_genes).sum()),
-                 keep_genes.size, min_counts_gene)
-    if not keep_cells.any() or not keep_genes.any():
-        rules = [f"{what} with fewer than {n} counts" for what, n in (("cells", min_counts_cell),
-                                                                      ("genes", min_counts_gene)) if n]
-        raise _error(path, f"no data left after dropping {' and '.join(rules)} "
-                           f"({int(keep_cells.sum())} cells x {int(keep_genes.sum())} genes)")
+    _report_dropped(path, "genes", keep_genes, min_counts_gene)
+    _check_left(path, int(keep_cells.sum()), int(keep_genes.sum()), min_counts_cell, min_counts_gene)
     return StreamedPlan(path, genome, round_counts, block_nonzeros, cells[keep_cells], keep_cells,
                         columns[keep_genes], genes[keep_genes], gene_ids[keep_genes],
                         int(cell_nonzeros[keep_cells].sum()))
@@ -854,9 +844,7 @@ def write_10x_streamed(plan: StreamedPlan, out: str) -> dict:
             nonzeros, total, max_count = _write_x_streamed(plan, tmp, n_cells, n_genes)
         except _WriteFailed as err:  # the output's error (a full disk...), not the input's
             raise err.__cause__ from None
-    return {"cells": n_cells, "genes": n_genes, "nonzeros": nonzeros,
-            "sparsity_percent": round(100.0 * (1.0 - nonzeros / (n_cells * n_genes)), 4),
-            "total_counts": round(total), "max_count": int(max_count), "labels": None, "label_counts": None}
+    return _summary_row(n_cells, n_genes, nonzeros, total, max_count)
 
 
 class _WriteFailed(Exception):
@@ -915,12 +903,11 @@ def _write_x_streamed(plan: StreamedPlan, tmp: str, n_cells: int, n_genes: int) 
 STREAM_ABOVE_GB = 4.0  # `prepare` converts a 10x HDF5 file block by block when its matrix takes more in memory
 
 
-def _10x_bytes_in_memory(path: str) -> int:
+def _10x_bytes_in_memory(path: str, genome: str | None) -> int:
     """What the in-memory reader would hold of a 10x HDF5 file's matrix: float32 values and int32 indices."""
     with _open_hdf5(path) as f:
-        groups = [f["matrix"]] if isinstance(f.get("matrix"), h5py.Group) else \
-            [f[k] for k in f if isinstance(f[k], h5py.Group) and "data" in f[k]]
-        return max((8 * g["data"].shape[0] + 8 * g["indptr"].shape[0] for g in groups), default=0)
+        group = _10x_metadata(f, path, genome)[0]
+        return 8 * _dataset(group, "data", path).shape[0] + 8 * _dataset(group, "indptr", path).shape[0]
 
 
 def prepare_input(path: str, format: str = "auto", *, stream: str = "auto", stream_above_gb: float = STREAM_ABOVE_GB,
@@ -937,11 +924,11 @@ def prepare_input(path: str, format: str = "auto", *, stream: str = "auto", stre
     if stream == "on" and fmt != "10x-h5":
         raise _error(path, f"block-by-block conversion (stream on) reads 10x HDF5 files only, not {fmt}")
     if fmt == "10x-h5" and labels is None and (
-            stream == "on" or (stream == "auto" and _10x_bytes_in_memory(path) > stream_above_gb * 2 ** 30)):
+            stream == "on" or (stream == "auto" and _10x_bytes_in_memory(path, genome) > stream_above_gb * 2 ** 30)):
         log.info("%s: converting block by block (stream %s)", path, stream)
         return plan_10x_streamed(path, genome=genome, round_counts=round_counts, min_counts_cell=min_counts_cell,
                                  min_counts_gene=min_counts_gene, block_nonzeros=block_nonzeros)
-    return read_counts(path, format, genome=genome, layer=layer, use_raw=use_raw, labels=labels,
+    return read_counts(path, fmt, genome=genome, layer=layer, use_raw=use_raw, labels=labels,
                        round_counts=round_counts, min_counts_cell=min_counts_cell, min_counts_gene=min_counts_gene)
 
 

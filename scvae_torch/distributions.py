@@ -56,9 +56,14 @@ def _nb_log_p0(log_mean: Tensor, log_theta: Tensor) -> Tensor:
     return -torch.exp(log_theta) * _softplus(log_mean - log_theta)
 
 
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """float64, except on Apple MPS, which has none: for sums of large lgamma terms and of per-cell terms."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _wide(t: Tensor) -> Tensor:
     """t in float64 (unless on Apple MPS, which has no float64), for sums of large lgamma terms."""
-    return t if t.device.type == "mps" else t.double()
+    return t.to(wide_dtype(t.device))
 
 
 def _lgamma_theta(log_theta: Tensor) -> Tensor:
@@ -398,7 +403,7 @@ class _SparseLogProb(torch.autograd.Function):
                 grad_log_theta = (grad @ sp).mul_(theta.reshape(-1)).add_(grad @ d_mean).neg_()
                 grad_log_theta = grad_log_theta.reshape(theta.shape)
             grad_log_theta.view(-1).index_add_(0, theta_index, e_theta * g_entry)
-        # put_ with accumulate: index_add_'s result at distinct indices, and faster on the CPU
+        # put_ with accumulate: index_add_'s result at distinct indices
         grad_log_mean = torch.mul(d_mean, g.neg() if ctx.mean_negated else g)
         grad_log_mean.view(-1).put_(flat, e_mean * g_entry, accumulate=True)
         if d_logit is not None:

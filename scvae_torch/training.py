@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .batches import (Source, SourceError, StreamSource, csr_nbytes, epoch_permutation,  # noqa: F401
                       load_counts, open_source, read_annotations)
 from .config import ModelConfig, TrainConfig
+from .distributions import wide_dtype
 from .models import GMVAE, VAE, build_model
 
 log = logging.getLogger("scvae_torch.training")
@@ -222,7 +223,7 @@ def evaluate_terms(model: VAE, X: sp.csr_matrix | Source, rows: np.ndarray, devi
     """Mean ELBO terms per cell over `rows`, plus the Poisson-stability statistics of the decoded rates."""
     model.eval()
     source = open_source(X, device)
-    wide = _wide_dtype(device)
+    wide = wide_dtype(device)
     # Sums of TERMS, the zero-count rate, the IW log-likelihood; and the largest rate: kept on the device
     # (read once at the end, not once per minibatch, which would make the host wait for a GPU each time).
     sums = torch.zeros(len(TERMS) + 2, dtype=wide, device=device)
@@ -386,7 +387,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                 loss.backward()
                 optimiser.step()
                 # The ELBO terms' sums stay on the device (no wait for it per minibatch); NaN there = a bad loss.
-                step_sums = torch.stack([result[k].detach().sum(dtype=_wide_dtype(device)) for k in TERMS])
+                step_sums = torch.stack([result[k].detach().sum(dtype=wide_dtype(device)) for k in TERMS])
                 sums = step_sums if sums is None else sums.add_(step_sums)
                 del result, loss  # the decoded parameters are not kept through the next forward pass
                 partial["n"] = partial.get("n", 0) + len(rows)
@@ -444,11 +445,6 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
         }
         atomic_write_text(json.dumps(metrics, indent=2, default=float) + "\n", out / METRICS)
         return metrics
-
-
-def _wide_dtype(device: torch.device) -> torch.dtype:
-    """float64 for sums of per-cell terms, except on Apple MPS, which has none."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _add_sums(partial: dict, sums: torch.Tensor | None, epoch: int, out: Path) -> dict:

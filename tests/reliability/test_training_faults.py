@@ -449,12 +449,8 @@ def test_two_trainings_at_once_on_the_command_line_the_second_refuses_and_nothin
 
 # ---- non-finite losses -----------------------------------------------------------------------------
 
-@FAULT
-def test_non_finite_loss_stops_naming_epoch_and_keeps_last_checkpoint(tmp_path, small, monkeypatch):
-    X, tr, va = small
-    cfg = TrainConfig(epochs=5, batch_size=32, lr=1e-3, seed=0, checkpoint_every=1)
-    fit(X, tr, va, MODEL, TrainConfig(epochs=1, batch_size=32, lr=1e-3, seed=0, checkpoint_every=1), tmp_path)
-    before = (tmp_path / "checkpoint.pt").read_bytes()
+def _poison(monkeypatch, call: int, term: str) -> None:
+    """Make the VAE's `call`-th forward pass (counting from now) return NaN for `term`."""
     from scvae_torch.models import VAE
 
     original = VAE.forward
@@ -463,11 +459,20 @@ def test_non_finite_loss_stops_naming_epoch_and_keeps_last_checkpoint(tmp_path, 
     def poisoned(self, x, **kw):
         out = original(self, x, **kw)
         calls["n"] += 1
-        if self.training and calls["n"] == 3:
-            out["loss"] = out["loss"] * float("nan")
+        if self.training and calls["n"] == call:
+            out[term] = out[term] * float("nan")
         return out
 
     monkeypatch.setattr(VAE, "forward", poisoned)
+
+
+@FAULT
+def test_non_finite_loss_stops_naming_epoch_and_keeps_last_checkpoint(tmp_path, small, monkeypatch):
+    X, tr, va = small
+    cfg = TrainConfig(epochs=5, batch_size=32, lr=1e-3, seed=0, checkpoint_every=1)
+    fit(X, tr, va, MODEL, TrainConfig(epochs=1, batch_size=32, lr=1e-3, seed=0, checkpoint_every=1), tmp_path)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    _poison(monkeypatch, 3, "loss")
     with pytest.raises(TrainingError, match=r"non-finite loss at epoch 2, minibatch 3"):
         fit(X, tr, va, MODEL, cfg, tmp_path)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
@@ -479,19 +484,7 @@ def test_non_finite_terms_stop_at_the_epoch_end_as_on_a_gpu(tmp_path, small, mon
     X, tr, va = small
     fit(X, tr, va, MODEL, TrainConfig(epochs=1, batch_size=32, lr=1e-3, seed=0, checkpoint_every=1), tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    from scvae_torch.models import VAE
-
-    original = VAE.forward
-    calls = {"n": 0}
-
-    def poisoned(self, x, **kw):  # the loss stays finite: only the end-of-epoch check can see this
-        out = original(self, x, **kw)
-        calls["n"] += 1
-        if self.training and calls["n"] == 2:
-            out["elbo"] = out["elbo"] * float("nan")
-        return out
-
-    monkeypatch.setattr(VAE, "forward", poisoned)
+    _poison(monkeypatch, 2, "elbo")  # the loss stays finite: only the end-of-epoch check can see this
     with pytest.raises(TrainingError, match=r"non-finite loss \(ELBO terms\) in epoch 2"):
         fit(X, tr, va, MODEL, TrainConfig(epochs=3, batch_size=32, lr=1e-3, seed=0, checkpoint_every=1), tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
