@@ -256,8 +256,9 @@ def train_config(**overrides):
     """The library's TrainConfig fields for one run."""
     cfg = {k: v for k, v in config["training"].items() if k != "resources"}
     cfg.update(overrides)
-    if "epochs" in overrides:  # a short (grid) run pre-trains a GMVAE for at most half of its epochs
-        cfg["pretrain_epochs"] = min(cfg.get("pretrain_epochs", 0), cfg["epochs"] // 2)
+    if "epochs" in overrides and cfg.get("pretrain_epochs") is not None:
+        # a short (grid) run pre-trains a GMVAE for at most half of its epochs (the library's default does)
+        cfg["pretrain_epochs"] = min(cfg["pretrain_epochs"], cfg["epochs"] // 2)
     return canonical(cfg)
 
 

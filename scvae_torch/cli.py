@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 
@@ -328,17 +329,27 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dispersion", default=m.dispersion, help="NB dispersion: gene (one per gene) or gene-cell (decoder output)")
     p.add_argument("--dropout", type=float, default=m.dropout, help="dropout rate on hidden layers")
     p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false", help="turn off batch norm on hidden layers")
-    p.add_argument("--log1p-input", action="store_true", help="feed log(1+x) to the encoders instead of raw counts")
+    p.add_argument("--raw-input", dest="log1p_input", action="store_false", default=m.log1p_input,
+                   help="feed the raw counts to the encoders instead of log(1+x)")
+    p.add_argument("--log1p-input", dest="log1p_input", action="store_true",
+                   help="feed log(1+x) to the encoders (the default)")
     p.add_argument("--library-size", action="store_true", help="decoder mean = library size x softmax over genes")
     p.add_argument("--y-regularisation", default=m.y_regularisation, help="GMVAE y term: kl, none, or supervised (needs labels)")
     p.add_argument("--free-nats", type=float, default=m.free_nats, help="free nats for the KL terms")
-    p.add_argument("--epochs", type=int, default=t.epochs, help="total epochs (a resumed run continues up to this)")
+    p.add_argument("--epochs", type=int, default=t.epochs,
+                   help="most epochs (a resumed run continues up to this); default: from the number of cells, "
+                        "400 up to 20,000 cells, fewer above")
+    p.add_argument("--no-early-stopping", dest="early_stopping", action="store_false",
+                   help="train all epochs instead of stopping when the validation ELBO stops improving")
+    p.add_argument("--patience", type=int, default=t.patience,
+                   help="early stopping: epochs without a better validation ELBO before training stops")
     p.add_argument("--batch-size", type=int, default=t.batch_size, help="cells per minibatch")
     p.add_argument("--lr", type=float, default=t.lr, help="Adam learning rate")
     p.add_argument("--weight-decay", type=float, default=t.weight_decay, help="Adam weight decay")
     p.add_argument("--kl-warmup", type=int, default=t.kl_warmup, help="epochs of linear KL warm-up (0: none)")
     p.add_argument("--pretrain-epochs", type=int, default=t.pretrain_epochs,
-                   help="GMVAE: epochs as a plain VAE before p(z|y) is initialised by k-means")
+                   help="GMVAE: epochs as a plain VAE before p(z|y) is initialised by k-means; default: "
+                        "min(10, epochs / 3)")
     p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every, help="epochs between checkpoints")
     p.add_argument("--seed", type=int, default=t.seed, help="random seed (split, initialisation, minibatches)")
     p.add_argument("--device", default=t.device, help="auto (CUDA when available), cpu or cuda")
@@ -365,7 +376,8 @@ def _model_train_configs(args: argparse.Namespace) -> tuple[dict, "object"]:
         train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             weight_decay=args.weight_decay, kl_warmup=args.kl_warmup, seed=args.seed,
                             device=args.device, checkpoint_every=args.checkpoint_every,
-                            pretrain_epochs=args.pretrain_epochs, threads=args.threads, precision=args.precision,
+                            pretrain_epochs=args.pretrain_epochs, early_stopping=args.early_stopping,
+                            patience=args.patience, threads=args.threads, precision=args.precision,
                             compile=args.compile, stream=args.stream, stream_above_gb=args.stream_above_gb)
         ModelConfig(n_features=1, **model)  # validate before any data is read
     except ValueError as err:
@@ -382,7 +394,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
     for path in (args.data, args.split):
         if path is not None and not Path(path).is_file():
             raise UsageError(f"{path}: no such file")
-    metrics = train_dataset(args.data, args.out, model, train, split_path=args.split)
+    # One line per epoch on stderr where no progress bar is drawn (sbatch, nohup, a redirect); the bar otherwise.
+    quiet = contextlib.nullcontext() if sys.stderr.isatty() else _StderrLog("train")
+    with quiet:
+        metrics = train_dataset(args.data, args.out, model, train, split_path=args.split)
     print(f"trained {metrics['model']}-{metrics['likelihood']} for {metrics['epochs_trained']} epochs on "
           f"{metrics['device_name']}: best validation ELBO {metrics['best_val_elbo']:.4f} "
           f"(epoch {metrics['best_epoch']}); results in {args.out}")

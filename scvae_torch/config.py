@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 LIKELIHOODS: tuple[str, ...] = ("poisson", "nb", "zip", "zinb")
 MODELS: tuple[str, ...] = ("vae", "gmvae")
@@ -34,7 +34,7 @@ class ModelConfig:
 
     n_features: int
     model: str = "vae"
-    likelihood: str = "poisson"
+    likelihood: str = "nb"
     encoder: list[int] = field(default_factory=lambda: [100, 250])
     decoder: list[int] = field(default_factory=lambda: [250, 100])
     latent: int = 50
@@ -42,7 +42,7 @@ class ModelConfig:
     dispersion: str = "gene"
     dropout: float = 0.0
     batch_norm: bool = True
-    log1p_input: bool = False
+    log1p_input: bool = True
     library_size: bool = False
     y_regularisation: str = "kl"
     free_nats: float = 0.0
@@ -82,15 +82,17 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation settings for one training run (defaults mirror config/schema.yaml)."""
 
-    epochs: int = 100
+    epochs: int | None = None   # None: chosen from the number of cells (default_epochs)
     batch_size: int = 100
-    lr: float = 1e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     kl_warmup: int = 0          # epochs of linear KL warm-up (0 = none)
     seed: int = 0
     device: str = "auto"        # auto | cpu | cuda
     checkpoint_every: int = 10  # epochs
-    pretrain_epochs: int = 0    # GMVAE: epochs trained as a plain VAE before p(z|y) is set by k-means
+    pretrain_epochs: int | None = None  # GMVAE: epochs as a plain VAE before p(z|y) is set by k-means (None: auto)
+    early_stopping: bool = True  # stop when the validation ELBO has not improved for `patience` epochs
+    patience: int = 30          # epochs without a better validation ELBO before early stopping
     iw_samples: int = 0         # importance samples for the validation log-likelihood each epoch (0 = off)
     threads: int = 0            # CPU threads for torch (0 = torch's default)
     precision: str = "float32"  # float32 | bfloat16 (autocast for the MLPs; likelihood sums stay float32)
@@ -100,14 +102,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
+            (self.epochs is None or self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
             (self.kl_warmup >= 0, f"KL warm-up must be >= 0, got {self.kl_warmup}"),
             (self.device in DEVICES, f"device must be auto, cpu or cuda, got {self.device!r}"),
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
-            (self.pretrain_epochs >= 0, f"pretrain_epochs must be >= 0, got {self.pretrain_epochs}"),
+            (self.pretrain_epochs is None or self.pretrain_epochs >= 0,
+             f"pretrain_epochs must be >= 0, got {self.pretrain_epochs}"),
+            (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
             (self.precision in PRECISIONS, f"precision must be float32 or bfloat16, got {self.precision!r}"),
             (self.stream in STREAMING, f"stream must be auto, on or off, got {self.stream!r}"),
@@ -119,3 +123,27 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> "TrainConfig":
         """Build from a dict, refusing unknown keys."""
         return _from_dict(cls, values, "training")
+
+    def resolved(self, n_cells: int, model: str) -> "TrainConfig":
+        """A copy with the data-dependent defaults filled in: epochs from the number of cells, pre-training."""
+        epochs = default_epochs(n_cells) if self.epochs is None else self.epochs
+        pretrain = self.pretrain_epochs
+        if pretrain is None:
+            pretrain = default_pretrain_epochs(epochs) if model == "gmvae" else 0
+        return replace(self, epochs=epochs, pretrain_epochs=pretrain)
+
+
+# Epochs when none are given: 400 passes over 20,000 cells' worth of cells, at most 400 epochs (scvi-tools'
+# rule); early stopping usually ends a run well before. Measured in docs/defaults.md.
+EPOCH_BUDGET_CELLS = 20_000 * 400
+MAX_EPOCHS = 400
+
+
+def default_epochs(n_cells: int) -> int:
+    """Epochs for a data set of n_cells when none are given: 400 up to 20,000 cells, fewer above."""
+    return int(min(MAX_EPOCHS, max(1, round(EPOCH_BUDGET_CELLS / max(n_cells, 1)))))
+
+
+def default_pretrain_epochs(epochs: int) -> int:
+    """GMVAE pre-training (as a VAE, then p(z|y) by k-means on its latent) when none is given."""
+    return min(10, epochs // 3)

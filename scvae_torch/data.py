@@ -79,27 +79,41 @@ def _count_where(data: np.ndarray, test) -> tuple[int, float | None]:
     return total, first
 
 
+def refuse_bad_counts(data: np.ndarray, path: str, integer_source: bool = False, round_counts: bool = False,
+                      hint: str = "the round option (--round) rounds them") -> int:
+    """Raise DataError (one line naming `path`) on NaN/inf, negative or (unless round_counts) fractional values.
+
+    Reads `data` only (chunked; no full-size temporary). Returns how many values are not whole numbers (to be
+    rounded when round_counts). `hint` ends the message about non-integer values.
+    """
+    if not data.size:
+        return 0
+    if not integer_source:
+        n_bad, first = _count_where(data, lambda b: ~np.isfinite(b))
+        if n_bad:
+            raise _error(path, f"{n_bad} NaN or infinite values (e.g. {first}); counts must be finite")
+    minimum = data.min()
+    if minimum < 0:
+        n_neg, _ = _count_where(data, lambda b: b < 0)
+        raise _error(path, f"{n_neg} negative values (minimum {minimum:g}); counts must be >= 0")
+    if integer_source:
+        return 0
+    n_frac, first = _count_where(data, lambda b: b != np.rint(b))
+    if n_frac and not round_counts:
+        raise _error(path, f"{n_frac} non-integer values (e.g. {first:g}); raw counts must be whole "
+                           f"numbers (normalised data?); {hint}")
+    return n_frac
+
+
 def _check_values(X: sp.csr_matrix, path: str, integer_source: bool, round_counts: bool) -> sp.csr_matrix:
     """Reject NaN/inf, negative and (unless round_counts) non-integer values; return X with float32 data."""
     data = X.data
     if data.size:
-        if not integer_source:
-            n_bad, first = _count_where(data, lambda b: ~np.isfinite(b))
-            if n_bad:
-                raise _error(path, f"{n_bad} NaN or infinite values (e.g. {first}); counts must be finite")
-        minimum = data.min()
-        if minimum < 0:
-            n_neg, _ = _count_where(data, lambda b: b < 0)
-            raise _error(path, f"{n_neg} negative values (minimum {minimum:g}); counts must be >= 0")
-        if not integer_source:
-            n_frac, first = _count_where(data, lambda b: b != np.rint(b))
-            if n_frac and not round_counts:
-                raise _error(path, f"{n_frac} non-integer values (e.g. {first:g}); raw counts must be whole "
-                                   "numbers (normalised data?); the round option (--round) rounds them")
-            if n_frac:
-                log.warning("%s: rounded %d non-integer values to the nearest integer", path, n_frac)
-                for start in range(0, data.size, _CHUNK):
-                    np.rint(data[start:start + _CHUNK], out=data[start:start + _CHUNK])
+        n_frac = refuse_bad_counts(data, path, integer_source, round_counts)
+        if n_frac:
+            log.warning("%s: rounded %d non-integer values to the nearest integer", path, n_frac)
+            for start in range(0, data.size, _CHUNK):
+                np.rint(data[start:start + _CHUNK], out=data[start:start + _CHUNK])
     if X.dtype != np.float32:
         X = X.astype(np.float32)
     if data.size and not np.all(X.data):  # explicit zeros (stored or made by rounding) are not non-zeros

@@ -166,6 +166,26 @@ def mean(likelihood: str, params: dict[str, Tensor]) -> Tensor:
     return torch.exp(log_mean)
 
 
+def sample(likelihood: str, params: dict[str, Tensor]) -> Tensor:
+    """Counts drawn from the named likelihood (torch's global RNG), one per element of its parameters.
+
+    NB is drawn as its gamma-Poisson mixture: rate ~ Gamma(shape theta, rate theta / mu), x ~ Poisson(rate).
+    The zero-inflated ones set each draw to 0 with probability pi = sigmoid(logit_pi). Float tensor of counts.
+    """
+    args = _check_likelihood(likelihood, params)
+    log_mean = args[0].float()
+    if likelihood in ("nb", "zinb"):
+        log_theta = args[1].float().expand_as(log_mean)
+        rate = torch.distributions.Gamma(log_theta.exp(), (log_theta - log_mean).exp()).sample()
+    else:
+        rate = log_mean.exp()
+    x = torch.poisson(rate)
+    if likelihood in ("zip", "zinb"):
+        pi = torch.sigmoid(params["logit_pi"].float()).expand_as(x)
+        x = torch.where(torch.rand_like(x) < pi, torch.zeros_like(x), x)
+    return x
+
+
 # ---- per-cell sums, sparse-aware ----
 # sum_g log p(x_g) = sum_g log p(0) + sum_{g: x_g > 0} [log p(x_g) - log p(0)]: the first sum is dense
 # but cheap (no lgamma), the second is evaluated only at the stored entries of a sparse minibatch.

@@ -332,7 +332,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
         raise TrainingError("y_regularisation 'supervised' needs labels in the data (obs['label'])")
     if len(train_idx) == 0:
         raise TrainingError("the training split is empty")
-    tc = train_config
+    tc = train_config.resolved(X.shape[0], cfg.model)
     device = resolve_device(tc.device)
     source = open_source(X, device)
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
@@ -361,7 +361,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                    disable=None)
         started = time.perf_counter()
         epochs_run = 0
-        while epoch < tc.epochs:
+        while epoch < tc.epochs and not stops_early(tc, epoch, best_epoch, len(val_idx)):
             t0 = time.perf_counter()
             pretraining = isinstance(model, GMVAE) and epoch < tc.pretrain_epochs
             if isinstance(model, GMVAE) and tc.pretrain_epochs and epoch == tc.pretrain_epochs and batch0 == 0:
@@ -423,7 +423,11 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                      train_terms["elbo"], val_elbo, weight, seconds)
             bar.update(1)
             bar.set_postfix(val_elbo=f"{val_elbo:.4g}")
-            if epoch % tc.checkpoint_every == 0 or epoch == tc.epochs:
+            stopping = stops_early(tc, epoch, best_epoch, len(val_idx))
+            if stopping:
+                log.info("early stopping after epoch %d: no better validation ELBO for %d epochs; best epoch %d "
+                         "(best.pt)", epoch, tc.patience, best_epoch)
+            if epoch % tc.checkpoint_every == 0 or epoch == tc.epochs or stopping:
                 _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device)
             if received:
                 path = _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device)
@@ -436,6 +440,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
         metrics = {
             **cfg.to_dict(), **{f"train_{k}": v for k, v in asdict(tc).items()},
             "epochs_trained": epoch, "best_epoch": best_epoch, "best_val_elbo": best_val,
+            "stopped_early": stops_early(tc, epoch, best_epoch, len(val_idx)),
             "final": {k: v for k, v in last.items()},
             "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
             "seconds_per_epoch": float(np.mean([h["seconds"] for h in history])) if history else None,
@@ -445,6 +450,15 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
         }
         atomic_write_text(json.dumps(metrics, indent=2, default=float) + "\n", out / METRICS)
         return metrics
+
+
+def stops_early(tc: TrainConfig, epoch: int, best_epoch: int, n_validation: int) -> bool:
+    """Whether early stopping ends training after `epoch` epochs: the validation ELBO's best is `patience` epochs old.
+
+    A function of the saved state only, so a resumed run stops exactly where an uninterrupted one did. Needs
+    validation cells; counts from the first candidate for best.pt (a GMVAE's pre-training is never one).
+    """
+    return tc.early_stopping and n_validation > 0 and best_epoch > 0 and epoch - best_epoch >= tc.patience
 
 
 def _add_sums(partial: dict, sums: torch.Tensor | None, epoch: int, out: Path) -> dict:

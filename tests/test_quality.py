@@ -52,7 +52,8 @@ def test_every_likelihood_trains_50_epochs_at_a_high_learning_rate(tmp_path, lik
     data = _big()
     tr, va, _ = _split(data.X.shape[0])
     fit(data.X, tr, va, dict(model="vae", likelihood=likelihood, encoder=[16], decoder=[16], latent=10),
-        TrainConfig(epochs=50, batch_size=1000, lr=1e-2, seed=0, threads=2, checkpoint_every=50), tmp_path)
+        TrainConfig(epochs=50, batch_size=1000, lr=1e-2, seed=0, threads=2, checkpoint_every=50,
+                    early_stopping=False), tmp_path)
     history = pd.read_csv(tmp_path / "history.tsv", sep="\t")
     assert len(history) == 50
     assert np.isfinite(history.drop(columns="seconds").to_numpy(dtype=float)).all()

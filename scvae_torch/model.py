@@ -1,0 +1,462 @@
+"""SCVAE: the model on a user's AnnData, named as in scvi-tools (train, latent, clusters, expression, save/load).
+
+The same training loop as the command line and the pipeline (`training.fit`), so checkpoints, resume, signals,
+the non-finite guard and early stopping behave identically; every default comes from `config`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from . import distributions as D
+from .batches import open_source
+from .config import ModelConfig, TrainConfig
+from .data import DataError, make_split, refuse_bad_counts, write_split
+from .evaluation import evaluate_model, latent_means, responsibilities
+from .models import GMVAE, VAE, build_model
+from .training import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, HISTORY, TrainingError, atomic_torch_save,
+                       atomic_write_text, fit, load_checkpoint, resolve_device)
+
+log = logging.getLogger("scvae_torch.model")
+
+# Where results go in the user's AnnData.
+LATENT_KEY = "X_scvae"                                  # obsm: mean of q(z|x) per cell
+CLUSTER_KEY = "scvae_cluster"                           # obs: argmax q(y|x) (GMVAE), categorical
+PROBABILITIES_KEY = "scvae_cluster_probabilities"       # obsm: q(y|x) (GMVAE), cells x K
+SETUP_KEY = "_scvae_setup"                              # uns: what setup_anndata recorded
+# A saved model folder.
+WEIGHTS = "model.pt"
+SETTINGS = "settings.json"
+# Cells x genes values per decoded minibatch (bounds the temporaries of the inference methods: 32 MB float32).
+DECODE_VALUES = 1 << 23
+
+
+def _where(layer: str | None) -> str:
+    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+
+
+def _counts(adata, layer: str | None) -> sp.csr_matrix:
+    """The raw counts of an AnnData (X or a layer) as CSR, checked like `prepare` checks a file; no copy of a
+    CSR matrix in canonical form."""
+    where = _where(layer)
+    if layer is not None and layer not in adata.layers:
+        raise DataError(f"{where}: no such layer (layers: {', '.join(map(str, adata.layers)) or 'none'})")
+    X = adata.X if layer is None else adata.layers[layer]
+    if X is None:
+        raise DataError(f"{where}: empty; give the layer that holds the raw counts (layer=...)")
+    if sp.issparse(X):
+        X = sp.csr_matrix(X) if not isinstance(X, sp.csr_matrix) else X
+    elif isinstance(X, np.ndarray):
+        X = sp.csr_matrix(X)
+    else:
+        raise DataError(f"{where}: a {type(X).__name__}; expected a numpy array or a scipy sparse matrix "
+                        "(a backed AnnData: load it with adata.to_memory())")
+    if X.dtype.kind not in "iuf":
+        raise DataError(f"{where}: values of type {X.dtype}; expected counts (integers or whole floats)")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise DataError(f"{where}: {X.shape[0]} cells x {X.shape[1]} genes; nothing to train on")
+    others = [name for name in adata.layers if name != layer]
+    hint = (f"are the raw counts in {', '.join(f'layer={n!r}' for n in others)}?" if others
+            else "give the raw counts (adata.raw, or a layer with layer=...)")
+    refuse_bad_counts(X.data, where, integer_source=X.dtype.kind in "iu", hint=hint)
+    if not X.has_canonical_format:  # duplicate entries would be counted apart by the sparse-aware likelihood
+        X = X.copy()
+        X.sum_duplicates()
+    return X
+
+
+def _labels(adata, labels_key: str | None) -> np.ndarray | None:
+    """obs[labels_key] as strings, or None; missing values are an error."""
+    if labels_key is None:
+        return None
+    if labels_key not in adata.obs:
+        raise DataError(f"adata.obs: no column {labels_key!r} (labels_key)")
+    column = adata.obs[labels_key]
+    missing = int(column.isna().sum())
+    if missing:
+        raise DataError(f"adata.obs[{labels_key!r}]: {missing} cells without a label")
+    return column.astype(str).to_numpy()
+
+
+def _gene_order(model_genes: np.ndarray, genes: np.ndarray, where: str) -> np.ndarray | None:
+    """Columns of `genes` in the model's gene order (None when already the same); other genes are an error."""
+    if np.array_equal(model_genes, genes):
+        return None
+    if len(set(genes)) != len(genes):
+        raise DataError(f"{where}: gene names are not unique (var_names_make_unique() first)")
+    position = {g: i for i, g in enumerate(genes)}
+    missing = [g for g in model_genes if g not in position]
+    extra = len(genes) - (len(model_genes) - len(missing))
+    if missing or extra:
+        raise DataError(f"{where}: genes differ from the model's ({len(missing)} of its {len(model_genes)} missing, "
+                        f"e.g. {', '.join(missing[:3])}; {extra} not in the model); subset to the model's genes")
+    log.info("%s: genes are the model's in another order; reordered by name", where)
+    return np.array([position[g] for g in model_genes])
+
+
+class SCVAE:
+    """A VAE or Gaussian-mixture VAE (GMVAE) of the raw counts in an AnnData.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes AnnData holding raw counts (in memory; sparse stays sparse).
+    layer
+        Layer with the raw counts (default: ``adata.X``, or what `setup_anndata` recorded).
+    labels_key
+        Column of ``adata.obs`` with known cell types (only ``y_regularisation='supervised'`` trains on them).
+    model
+        ``"vae"`` or ``"gmvae"``; default from `scvae_torch.config.ModelConfig`.
+    likelihood
+        ``"nb"``, ``"zinb"``, ``"poisson"`` or ``"zip"``.
+    components
+        Mixture components K of a GMVAE (clusters).
+    encoder, decoder
+        Hidden layer sizes, e.g. ``[100, 250]``.
+    latent
+        Latent dimension.
+    **model_options
+        Any other `ModelConfig` field (``dispersion``, ``log1p_input``, ``library_size``, ``dropout`` ...).
+
+    Examples
+    --------
+    >>> model = SCVAE(adata, model="gmvae", components=8)
+    >>> model.train()
+    >>> adata.obsm["X_scvae"], adata.obs["scvae_cluster"]
+    """
+
+    def __init__(self, adata, layer: str | None = None, labels_key: str | None = None, model: str | None = None,
+                 likelihood: str | None = None, components: int | None = None, encoder: list[int] | None = None,
+                 decoder: list[int] | None = None, latent: int | None = None, **model_options):
+        setup = dict(adata.uns.get(SETUP_KEY, {}))
+        self.layer = layer if layer is not None else setup.get("layer")
+        self.labels_key = labels_key if labels_key is not None else setup.get("labels_key")
+        if not adata.obs_names.is_unique:
+            raise DataError(f"adata.obs_names: {int(adata.obs_names.duplicated().sum())} duplicate cell ids "
+                            "(adata.obs_names_make_unique() first)")
+        self.adata = adata
+        self._X = _counts(adata, self.layer)
+        self.genes = np.asarray(adata.var_names, dtype=str)
+        self.labels = _labels(adata, self.labels_key)
+        given = dict(model=model, likelihood=likelihood, components=components, encoder=encoder, decoder=decoder,
+                     latent=latent, **model_options)
+        self.model_config = ModelConfig.from_dict({"n_features": adata.n_vars,
+                                                   **{k: v for k, v in given.items() if v is not None}})
+        torch.manual_seed(0)
+        self.module: VAE = build_model(self.model_config).eval()
+        self.device = torch.device("cpu")
+        self.train_config: TrainConfig | None = None
+        self.history = pd.DataFrame()
+        self.metrics: dict = {}
+        self.is_trained = False
+        self.train_indices = self.validation_indices = self.test_indices = np.arange(0)
+
+    # ---- set-up and training ------------------------------------------------------------------------------
+
+    @staticmethod
+    def setup_anndata(adata, layer: str | None = None, labels_key: str | None = None) -> None:
+        """Record in ``adata.uns`` which layer holds the counts and which obs column the labels (scvi-tools' habit)."""
+        adata.uns[SETUP_KEY] = {k: v for k, v in {"layer": layer, "labels_key": labels_key}.items() if v is not None}
+
+    def train(self, max_epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
+              early_stopping: bool | None = None, patience: int | None = None, train_size: float = 0.9,
+              validation_size: float | None = None, seed: int = 0, device: str = "auto",
+              checkpoint_dir: str | Path | None = None, **train_options) -> "SCVAE":
+        """Train on the cells of the AnnData, then write the latent (and clusters) into it.
+
+        Parameters
+        ----------
+        max_epochs
+            Most epochs; default from the number of cells (`scvae_torch.config.default_epochs`).
+        lr, batch_size, early_stopping, patience
+            Optimisation settings; each default is `scvae_torch.config.TrainConfig`'s.
+        train_size, validation_size
+            Fractions of the cells for training and for the validation ELBO (early stopping, best weights);
+            the rest (default none) is held out as test cells (`test_indices`). Seeded by `seed`.
+        seed
+            Seed of the split, the initialisation and the minibatch order: same seed, same result.
+        device
+            ``"auto"`` (CUDA when there is one), ``"cpu"`` or ``"cuda"``.
+        checkpoint_dir
+            Keep the run folder here (checkpoint.pt, best.pt, history.tsv, split.tsv); run again with the same
+            folder to resume a killed run. Default: a temporary folder, removed afterwards.
+        **train_options
+            Any other `TrainConfig` field (``kl_warmup``, ``pretrain_epochs``, ``weight_decay`` ...).
+
+        Returns
+        -------
+        The model, trained, with the weights of its best validation ELBO.
+        """
+        given = dict(epochs=max_epochs, lr=lr, batch_size=batch_size, early_stopping=early_stopping,
+                     patience=patience, seed=seed, device=device, **train_options)
+        tc = TrainConfig.from_dict({k: v for k, v in given.items() if v is not None})
+        validation_size = 1.0 - train_size if validation_size is None else validation_size
+        test_size = max(0.0, 1.0 - train_size - validation_size)
+        cells = np.asarray(self.adata.obs_names, dtype=str)
+        split = make_split(cells, fractions=(train_size, validation_size, test_size), seed=seed)
+        subset = split.to_numpy()
+        self.train_indices, self.validation_indices, self.test_indices = (
+            np.flatnonzero(subset == name) for name in ("train", "validation", "test"))
+        labels = None
+        if self.model_config.y_regularisation == "supervised":
+            if self.labels is None:
+                raise DataError("y_regularisation='supervised' needs labels: give labels_key")
+            labels = pd.Categorical(self.labels).codes.astype(np.int64)
+        with _run_folder(checkpoint_dir) as out:
+            if checkpoint_dir is not None:
+                write_split(split, str(out / "split.tsv"))
+            self.metrics = fit(self._X, self.train_indices, self.validation_indices, self.model_config, tc, out,
+                               labels=labels)
+            best = out / BEST if (out / BEST).exists() else out / CHECKPOINT
+            self.module.load_state_dict(load_checkpoint(best, "cpu")["model_state"])
+            self.history = pd.read_csv(out / HISTORY, sep="\t")
+        self.train_config = tc.resolved(self._X.shape[0], self.model_config.model)
+        self.device = resolve_device(device)
+        self.module.to(self.device).eval()
+        self.is_trained = True
+        self._write_results()
+        return self
+
+    def _write_results(self) -> None:
+        """The latent, and a GMVAE's clusters and their probabilities, into the AnnData (documented keys)."""
+        self.adata.obsm[LATENT_KEY] = self.get_latent_representation()
+        if isinstance(self.module, GMVAE):
+            probabilities = self.get_cluster_probabilities()
+            self.adata.obsm[PROBABILITIES_KEY] = probabilities
+            self.adata.obs[CLUSTER_KEY] = pd.Categorical(
+                probabilities.argmax(1).astype(str), categories=[str(k) for k in range(probabilities.shape[1])])
+        self.adata.uns["scvae"] = {"model": self.model_config.model, "likelihood": self.model_config.likelihood,
+                                   "latent_key": LATENT_KEY}
+
+    # ---- results ------------------------------------------------------------------------------------------
+
+    def _matrix(self, adata) -> sp.csr_matrix:
+        """Counts of `adata` (default: the model's own) in the model's gene order."""
+        if adata is None:
+            if self.adata is None:
+                raise ValueError("this model was loaded without data: pass adata=")
+            return self._X
+        X = _counts(adata, self.layer)
+        order = _gene_order(self.genes, np.asarray(adata.var_names, dtype=str), "adata.var_names")
+        return X if order is None else X[:, order]
+
+    def _rows(self, X: sp.csr_matrix, indices) -> np.ndarray:
+        rows = np.arange(X.shape[0]) if indices is None else np.asarray(indices)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        return rows
+
+    def _minibatches(self, X: sp.csr_matrix, rows: np.ndarray, batch_size: int | None) -> Iterator[torch.Tensor]:
+        """The cells as sparse count tensors on the model's device, in order."""
+        batch_size = batch_size or max(1, min(1024, DECODE_VALUES // max(X.shape[1], 1)))
+        source = open_source(X, self.device)
+        for start in range(0, len(rows), batch_size):
+            yield source.batch(rows[start:start + batch_size]).counts
+
+    def _draw_z(self, x: torch.Tensor) -> torch.Tensor:
+        """z ~ q(z|x) (for a GMVAE: y ~ q(y|x), then z ~ q(z|x,y))."""
+        if isinstance(self.module, GMVAE):
+            mu, logvar = self.module.encode_z(x)
+            y = torch.multinomial(self.module.responsibilities(x), 1)[:, 0]
+            mu, logvar = mu[torch.arange(len(y)), y], logvar[torch.arange(len(y)), y]
+        else:
+            mu, logvar = self.module.encode(x)
+        return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+
+    @torch.no_grad()
+    def get_latent_representation(self, adata=None, indices=None, give_mean: bool = True,
+                                  batch_size: int | None = None) -> np.ndarray:
+        """Each cell's latent representation: the mean of q(z|x) (mixed over q(y|x) for a GMVAE), or one draw.
+
+        Returns
+        -------
+        numpy array, cells x latent.
+        """
+        X = self._matrix(adata)
+        rows = self._rows(X, indices)
+        if give_mean:
+            return latent_means(self.module, X, rows, self.device, batch_size)
+        self.module.eval()
+        return np.concatenate([self._draw_z(x).cpu().numpy() for x in self._minibatches(X, rows, batch_size)]) \
+            if len(rows) else np.zeros((0, self.model_config.latent), np.float32)
+
+    def _gmvae(self) -> GMVAE:
+        if not isinstance(self.module, GMVAE):
+            raise ValueError("a VAE has no clusters: use model='gmvae', or k-means on get_latent_representation()")
+        return self.module
+
+    def get_cluster_probabilities(self, adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
+        """q(y|x) of a GMVAE: each cell's probability of each of the K components (cells x K)."""
+        module = self._gmvae()
+        X = self._matrix(adata)
+        return responsibilities(module, X, self._rows(X, indices), self.device, batch_size)
+
+    def predict_clusters(self, adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
+        """A GMVAE's cluster of each cell: argmax q(y|x) (integers 0..K-1)."""
+        return self.get_cluster_probabilities(adata, indices, batch_size).argmax(1)
+
+    @torch.no_grad()
+    def get_normalized_expression(self, adata=None, indices=None, library_size: float | None = 1e4,
+                                  n_samples: int = 1, layer: str | None = None,
+                                  batch_size: int | None = None) -> np.ndarray:
+        """Decoded expected counts per cell and gene, on a common library size.
+
+        Parameters
+        ----------
+        library_size
+            Each cell's decoded means scaled to sum to this (default 10,000, as counts per 10k); None keeps the
+            decoded means E[x | z] at the cell's own depth.
+        n_samples
+            1: decode the mean of q(z|x); more: average the decoded means of that many draws z ~ q(z|x).
+        layer
+            Also store the result in ``adata.layers[layer]`` (all cells only).
+
+        Returns
+        -------
+        numpy array, cells x genes (float32).
+        """
+        X = self._matrix(adata)
+        rows = self._rows(X, indices)
+        self.module.eval()
+        out = np.empty((len(rows), X.shape[1]), np.float32)
+        start = 0
+        for x in self._minibatches(X, rows, batch_size):
+            if n_samples == 1:
+                means = self._decoded_mean(self.module.latent(x), x)
+            else:
+                means = sum(self._decoded_mean(self._draw_z(x), x) for _ in range(n_samples)) / n_samples
+            if library_size is not None:
+                means = means / means.sum(1, keepdim=True) * library_size
+            out[start:start + len(means)] = means.cpu().numpy()
+            start += len(means)
+        if layer is not None:
+            if indices is not None:
+                raise ValueError("layer= stores the expression of all cells: leave indices out")
+            (self.adata if adata is None else adata).layers[layer] = out
+        return out
+
+    def _decoded_mean(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return D.mean(self.model_config.likelihood, self.module.decode(z, x)).double()
+
+    @torch.no_grad()
+    def posterior_predictive_sample(self, adata=None, indices=None, n_samples: int = 1,
+                                    use_latent_mean: bool = False, batch_size: int | None = None) -> np.ndarray:
+        """Counts drawn from p(x|z) with z ~ q(z|x) (or z = its mean when use_latent_mean).
+
+        Returns
+        -------
+        numpy array (float32 whole numbers): cells x genes when n_samples is 1, else n_samples x cells x genes.
+        """
+        X = self._matrix(adata)
+        rows = self._rows(X, indices)
+        self.module.eval()
+        out = np.empty((n_samples, len(rows), X.shape[1]), np.float32)
+        start = 0
+        for x in self._minibatches(X, rows, batch_size):
+            for s in range(n_samples):
+                z = self.module.latent(x) if use_latent_mean else self._draw_z(x)
+                drawn = D.sample(self.model_config.likelihood, self.module.decode(z, x))
+                out[s, start:start + len(drawn)] = drawn.cpu().numpy()
+            start += x.shape[0]
+        return out[0] if n_samples == 1 else out
+
+    def get_elbo(self, adata=None, indices=None) -> float:
+        """Mean ELBO per cell (a lower bound on log p(x); higher is better), e.g. on ``indices=model.test_indices``."""
+        X = self._matrix(adata)
+        return evaluate_model(self.module, X, self._rows(X, indices), iw_samples=0, device=self.device)["elbo"]
+
+    def get_marginal_ll(self, adata=None, indices=None, n_samples: int = 100, seed: int = 0) -> float:
+        """Importance-weighted estimate of log p(x) per cell with n_samples draws from q (higher is better)."""
+        X = self._matrix(adata)
+        return evaluate_model(self.module, X, self._rows(X, indices), iw_samples=n_samples, seed=seed,
+                              device=self.device)["iw_log_lik"]
+
+    # ---- save and load ------------------------------------------------------------------------------------
+
+    def save(self, dir_path: str | Path, overwrite: bool = False, save_anndata: bool = False) -> None:
+        """Write the weights (model.pt), the settings and genes (settings.json) and history.tsv to dir_path."""
+        folder = Path(dir_path)
+        if (folder / WEIGHTS).exists() and not overwrite:
+            raise FileExistsError(f"{folder / WEIGHTS} exists; pass overwrite=True to replace it")
+        folder.mkdir(parents=True, exist_ok=True)
+        settings = {"model_config": self.model_config.to_dict(),
+                    "train_config": None if self.train_config is None else dataclasses.asdict(self.train_config),
+                    "layer": self.layer, "labels_key": self.labels_key, "genes": self.genes.tolist(),
+                    "is_trained": self.is_trained}
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, "model_config": self.model_config.to_dict(),
+                           "model_state": {k: v.cpu() for k, v in self.module.state_dict().items()}},
+                          folder / WEIGHTS)
+        atomic_write_text(json.dumps(settings, indent=1) + "\n", folder / SETTINGS)
+        atomic_write_text(self.history.to_csv(sep="\t", index=False), folder / HISTORY)
+        if save_anndata:
+            if self.adata is None:
+                raise ValueError("this model holds no AnnData to save")
+            tmp = folder / ".adata.h5ad.tmp.h5ad"
+            self.adata.write_h5ad(tmp)
+            tmp.replace(folder / "adata.h5ad")
+
+    @classmethod
+    def load(cls, dir_path: str | Path, adata=None, device: str = "auto") -> "SCVAE":
+        """A model saved by `save`; with `adata`, its counts are checked and put in the model's gene order."""
+        folder = Path(dir_path)
+        try:
+            settings = json.loads((folder / SETTINGS).read_text())
+        except FileNotFoundError:
+            raise TrainingError(f"{folder}: no {SETTINGS}; not a folder written by SCVAE.save") from None
+        except json.JSONDecodeError as err:
+            raise TrainingError(f"{folder / SETTINGS}: damaged ({err})") from None
+        if adata is None and (folder / "adata.h5ad").exists():
+            import anndata
+
+            adata = anndata.read_h5ad(folder / "adata.h5ad")
+        state = load_checkpoint(folder / WEIGHTS, "cpu")
+        cfg = ModelConfig.from_dict(state["model_config"])
+        self = cls.__new__(cls)
+        self.layer, self.labels_key = settings["layer"], settings["labels_key"]
+        self.genes = np.asarray(settings["genes"], dtype=str)
+        self.model_config = cfg
+        self.module = build_model(cfg)
+        self.module.load_state_dict(state["model_state"])
+        self.device = resolve_device(device)
+        self.module.to(self.device).eval()
+        tc = settings.get("train_config")
+        self.train_config = None if tc is None else TrainConfig.from_dict(tc)
+        self.history = pd.read_csv(folder / HISTORY, sep="\t") if (folder / HISTORY).stat().st_size > 1 \
+            else pd.DataFrame()
+        self.metrics, self.is_trained = {}, bool(settings.get("is_trained", True))
+        self.train_indices = self.validation_indices = self.test_indices = np.arange(0)
+        self.adata, self._X, self.labels = None, None, None
+        if adata is not None:
+            self._X = self._matrix(adata)
+            self.adata = adata
+            self.labels = _labels(adata, self.labels_key) if self.labels_key in adata.obs else None
+        return self
+
+    def __repr__(self) -> str:
+        c = self.model_config
+        extra = f", K={c.components}" if c.model == "gmvae" else ""
+        state = f"trained {len(self.history)} epochs" if self.is_trained else "not trained"
+        return (f"SCVAE({c.model}-{c.likelihood}, {c.n_features} genes, latent {c.latent}{extra}; {state})")
+
+
+@contextlib.contextmanager
+def _run_folder(checkpoint_dir: str | Path | None) -> Iterator[Path]:
+    """The run folder of a training: the one given, or a temporary one removed afterwards."""
+    if checkpoint_dir is not None:
+        folder = Path(checkpoint_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="scvae-") as tmp:
+        yield Path(tmp)
