@@ -873,7 +873,7 @@ def plan_10x_streamed(path: str, genome: str | None = None, round_counts: bool =
             kept = cell_totals[lo:hi] >= min_counts_cell
             gene_totals += np.asarray(X[kept].sum(axis=0, dtype=np.float64)).ravel()
             if sums is not None:
-                sums.add(X[kept])
+                sums.add(X if kept.all() else X[kept])
         keep_cells = cell_totals >= min_counts_cell
         _report_dropped(path, "cells", keep_cells, min_counts_cell)
         keep_genes = gene_totals >= min_counts_gene

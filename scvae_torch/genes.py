@@ -26,7 +26,7 @@ import scipy.sparse as sp
 from scipy.special import xlog1py, xlogy
 
 CRITERION = "binomial_deviance"
-_BLOCK_NONZEROS = 1 << 22  # stored counts per block of cells: bounds the float64 temporaries (~100 MB)
+_BLOCK_NONZEROS = 1 << 20  # stored counts per block of cells: bounds the float64 temporaries (~8 MB each)
 
 log = logging.getLogger(__name__)
 
@@ -40,32 +40,56 @@ class DevianceSums:
     ----------
     n_genes : int
         Number of genes (columns) of every block.
+    block_nonzeros : int
+        Stored entries handled at a time within a block; bounds the temporary memory.
     """
 
-    def __init__(self, n_genes: int):
+    def __init__(self, n_genes: int, block_nonzeros: int = _BLOCK_NONZEROS):
         self.entry_sums = np.zeros(n_genes)   # A_j
         self.gene_totals = np.zeros(n_genes)  # X_j
+        self.block_nonzeros = block_nonzeros
 
-    def add(self, block: sp.csr_matrix) -> None:
-        """Add the stored entries of a block of cells (CSR, cells x genes, non-negative counts).
+    def add(self, block: sp.spmatrix) -> None:
+        """Add the stored entries of a block of cells (cells x genes, non-negative counts).
 
         Parameters
         ----------
-        block : scipy.sparse.csr_matrix
-            Counts of some cells over all the genes.
+        block : scipy.sparse matrix
+            Counts of some cells over all the genes (CSR; other formats are converted).
         """
-        block = sp.csr_matrix(block)
+        block = block if sp.isspmatrix_csr(block) else sp.csr_matrix(block)
         if block.shape[1] != self.entry_sums.size:
             raise ValueError(f"block has {block.shape[1]} genes, expected {self.entry_sums.size}")
-        x = block.data.astype(np.float64)
-        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-        n = np.bincount(rows, weights=x, minlength=block.shape[0])[rows]  # each entry's cell total n_i
-        # zero entries (explicitly stored) add nothing: xlogy(0, .) = 0 and xlog1py(n, 0) = 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            share = np.where(n > 0, x / n, 0.0)
-            terms = xlogy(x, share) + xlog1py(n - x, -share)  # (n - x) log(1 - x/n) is 0 when x = n
-        self.entry_sums += np.bincount(block.indices, weights=terms, minlength=self.entry_sums.size)
-        self.gene_totals += np.bincount(block.indices, weights=x, minlength=self.entry_sums.size)
+        for lo, hi in row_blocks(block.indptr, self.block_nonzeros):  # bounds the float64 temporaries
+            a, b = int(block.indptr[lo]), int(block.indptr[hi])
+            self._add_entries(block.data[a:b], block.indices[a:b], block.indptr[lo:hi + 1] - a)
+
+    def _add_entries(self, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray) -> None:
+        """A_j and X_j of the stored entries of some whole cells (CSR arrays, indptr starting at 0)."""
+        x = data.astype(np.float64)
+        if not x.all():  # stored zeros add nothing; dropping them keeps every x > 0 below
+            stored = x > 0
+            indptr = np.concatenate(([0], np.cumsum(stored)))[indptr]
+            x, indices = x[stored], indices[stored]
+        per_cell = np.diff(indptr)
+        filled = per_cell > 0
+        totals = np.zeros(per_cell.size)
+        if x.size:
+            totals[filled] = np.add.reduceat(x, indptr[:-1][filled])  # n_i
+        log_totals = np.log(totals, out=np.zeros(per_cell.size), where=filled)
+        n, log_n = np.repeat(totals, per_cell), np.repeat(log_totals, per_cell)  # of each entry's cell
+        # log(1 - x/n) as log(n - x) - log n: numpy's log1p is twice as slow as log, and per-cell log n is cheap
+        rest = np.subtract(n, x, out=n)                      # n_i - x_ij >= 0
+        part = log_n.copy()
+        np.log(rest, out=part, where=rest > 0)               # log(n - x); log n where x = n
+        part -= log_n                                        # log(1 - x/n); 0 where x = n
+        part *= rest                                         # (n - x) log(1 - x/n)
+        terms = np.log(x)                                    # x > 0
+        terms -= log_n
+        terms *= x                                           # x log(x / n)
+        terms += part
+        self.entry_sums += np.bincount(indices, weights=terms, minlength=self.entry_sums.size)
+        self.gene_totals += np.bincount(indices, weights=x, minlength=self.entry_sums.size)
 
     def deviance(self) -> np.ndarray:
         """The binomial deviance of every gene over the cells added so far (0 for genes without counts).
@@ -110,10 +134,8 @@ def binomial_deviance(X: sp.spmatrix, block_nonzeros: int = _BLOCK_NONZEROS) -> 
     numpy.ndarray
         float64 deviance per gene, in the matrix's gene order; 0 for a gene without counts.
     """
-    X = X if sp.isspmatrix_csr(X) else sp.csr_matrix(X)
-    sums = DevianceSums(X.shape[1])
-    for lo, hi in row_blocks(X.indptr, block_nonzeros):
-        sums.add(X[lo:hi])
+    sums = DevianceSums(X.shape[1], block_nonzeros)
+    sums.add(X)
     return sums.deviance()
 
 
