@@ -154,8 +154,8 @@ def test_help_documents_every_option_with_its_default(capsys):
         cli.main(["prepare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for option in ("--format", "--genome", "--layer", "--use-raw", "--labels", "--round", "--min-counts-cell",
-                   "--min-counts-gene", "--top-genes", "--out", "--summary", "--split", "--split-seed", "--split-fractions",
-                   "--stratify"):
+                   "--min-counts-gene", "--top-genes", "--out", "--summary", "--split", "--split-seed",
+                   "--split-fractions", "--stratify"):
         assert option in text
     assert "(default: 0.81,0.09,0.10)" in text and "(default: auto)" in text
 
