@@ -46,6 +46,17 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    """Parse a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _fractions(text: str) -> tuple[float, float, float]:
     """Parse 'train,validation,test' fractions that sum to 1."""
     try:
@@ -110,6 +121,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="drop cells with fewer than N counts in total (0 keeps all)")
     p.add_argument("--min-counts-gene", type=_non_negative_int, default=0, metavar="N",
                    help="then drop genes with fewer than N counts in total over the kept cells (0 keeps all)")
+    p.add_argument("--top-genes", type=_positive_int, default=None, metavar="N",
+                   help="then keep the N genes of highest binomial deviance (Townes et al. 2019), in their order; "
+                        "recorded in uns['scvae_prepare'] and var['binomial_deviance'] (default: keep all)")
     p.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
                    help="10x HDF5: convert block by block of cells, in memory that does not grow with the number "
                         "of cells (two passes over the file); auto: when the matrix would take more than "
@@ -140,7 +154,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
         counts = prepare_input(args.input, args.format, stream=args.stream, stream_above_gb=args.stream_above_gb,
                                genome=args.genome, layer=args.layer, use_raw=args.use_raw, labels=args.labels,
                                round_counts=args.round_counts, min_counts_cell=args.min_counts_cell,
-                               min_counts_gene=args.min_counts_gene)
+                               min_counts_gene=args.min_counts_gene, top_genes=args.top_genes)
         split = (make_split(counts.cells, getattr(counts, "labels", None), args.split_fractions, seed=args.split_seed,
                             stratify=args.stratify) if args.split else None)
         # every value is checked before the first write, so bad input leaves no output behind

@@ -22,6 +22,9 @@ import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
+from . import genes as _genes
+from .genes import row_blocks as _cell_blocks
+
 SUBSETS: tuple[str, ...] = ("train", "validation", "test")
 FORMATS: tuple[str, ...] = ("auto", "10x-h5", "h5ad", "mtx")
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.81, 0.09, 0.10)
@@ -44,6 +47,8 @@ class Counts:
     cells: np.ndarray
     labels: np.ndarray | None = None
     gene_ids: np.ndarray | None = None  # e.g. Ensembl IDs when `genes` holds symbols
+    gene_deviance: np.ndarray | None = None  # binomial deviance per gene, when genes were selected by it
+    selection: dict | None = None  # how genes were selected; the canonical file's uns['scvae_prepare']
 
 
 def _error(path: str | os.PathLike, problem: str) -> DataError:
@@ -553,8 +558,9 @@ def detect_format(path: str) -> str:
 
 def read_counts(path: str, format: str = "auto", *, genome: str | None = None, layer: str | None = None,
                 use_raw: bool = False, labels: str | None = None, round_counts: bool = False,
-                min_counts_cell: int = 0, min_counts_gene: int = 0) -> Counts:
-    """Read and validate counts in any supported format, then drop cells/genes below the count thresholds."""
+                min_counts_cell: int = 0, min_counts_gene: int = 0, top_genes: int | None = None) -> Counts:
+    """Read and validate counts in any supported format, drop cells/genes below the count thresholds, then keep
+    the top_genes genes of highest binomial deviance (all when None)."""
     path = os.fspath(path)
     if format not in FORMATS:
         raise _error(path, f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -574,6 +580,8 @@ def read_counts(path: str, format: str = "auto", *, genome: str | None = None, l
     log.info("%s: read %d cells x %d genes (%s)", path, counts.X.shape[0], counts.X.shape[1], fmt)
     if min_counts_cell or min_counts_gene:
         counts = filter_counts(counts, min_counts_cell, min_counts_gene, source=path)
+    if top_genes is not None:
+        counts = select_genes(counts, top_genes, source=path)
     return counts
 
 
@@ -593,6 +601,47 @@ def filter_counts(counts: Counts, min_counts_cell: int = 0, min_counts_gene: int
     _report_dropped(source, "genes", keep, min_counts_gene)
     _check_left(source, X.shape[0], X.shape[1], min_counts_cell, min_counts_gene)
     return Counts(X=X, genes=genes, cells=cells, labels=labels, gene_ids=gene_ids)
+
+
+def select_genes(counts: Counts, n: int, source: str = "") -> Counts:
+    """Keep the n genes of highest binomial deviance (`scvae_torch.genes`), in their order, and record it.
+
+    Parameters
+    ----------
+    counts : Counts
+        Raw counts (after any count filters: the deviance uses the cells' totals over these genes).
+    n : int
+        Genes to keep, >= 1; at least the number of genes keeps all (logged).
+    source : str
+        The input's path, for the log.
+
+    Returns
+    -------
+    Counts
+        The kept genes, with `gene_deviance` and `selection` set.
+    """
+    _genes.check_count(n)
+    deviance = _genes.binomial_deviance(counts.X)
+    keep = _genes.rank_top(deviance, n)
+    _report_selection(source, n, deviance.size)
+    X = counts.X if keep.size == deviance.size else counts.X[:, keep]
+    return Counts(X=X, genes=counts.genes[keep], cells=counts.cells, labels=counts.labels,
+                  gene_ids=None if counts.gene_ids is None else counts.gene_ids[keep], gene_deviance=deviance[keep],
+                  selection=_selection_record(n, deviance.size))
+
+
+def _selection_record(n: int, n_genes: int) -> dict:
+    """What the canonical file records of a gene selection, as uns['scvae_prepare']."""
+    return {"criterion": _genes.CRITERION, "top_genes": int(n), "genes_considered": int(n_genes)}
+
+
+def _report_selection(source: str, n: int, n_genes: int) -> None:
+    """Log what a gene selection kept (or that it kept everything)."""
+    if n >= n_genes:
+        log.warning("%s: asked for the top %d genes by binomial deviance but %d are left after the count "
+                    "filters: keeping all", source, n, n_genes)
+    else:
+        log.info("%s: kept the %d of %d genes with the highest binomial deviance", source, n, n_genes)
 
 
 def _report_dropped(source: str, what: str, keep: np.ndarray, minimum: int) -> None:
@@ -700,6 +749,13 @@ def _obs_var(path: str, cells, genes, labels=None, gene_ids=None) -> tuple[pd.Da
     return obs, var
 
 
+def _selection_annotations(var: pd.DataFrame, deviance: np.ndarray | None, selection: dict | None) -> dict:
+    """Put each kept gene's deviance in var['binomial_deviance']; the uns that records the selection ({} if none)."""
+    if deviance is not None:
+        var[_genes.CRITERION] = np.asarray(deviance, dtype=np.float64)
+    return {"scvae_prepare": dict(selection)} if selection else {}
+
+
 def _names_bytes(cells, genes) -> int:
     """About what the cell and gene names take in the file."""
     return sum(len(str(n)) + 16 for n in cells) + sum(len(str(n)) + 16 for n in genes)
@@ -715,7 +771,8 @@ def write_canonical(counts: Counts, path: str) -> None:
     names = _names_bytes(counts.cells, counts.genes)
     _check_space(path, int(1.05 * (X.data.nbytes + X.indices.nbytes + X.indptr.nbytes + names)) + (1 << 20))
     obs, var = _obs_var(path, counts.cells, counts.genes, counts.labels, counts.gene_ids)
-    adata = anndata.AnnData(X=X, obs=obs, var=var)
+    uns = _selection_annotations(var, counts.gene_deviance, counts.selection)
+    adata = anndata.AnnData(X=X, obs=obs, var=var, uns=uns)
     with _atomic_path(path, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
 
@@ -758,6 +815,8 @@ class StreamedPlan:
     genes: np.ndarray
     gene_ids: np.ndarray
     nonzeros_bound: int          # stored counts of the kept cells in all their genes
+    gene_deviance: np.ndarray | None = None  # of the kept genes, when selected by binomial deviance
+    selection: dict | None = None            # uns['scvae_prepare'] of the canonical file
 
 
 def _hand_back_large_blocks() -> None:
@@ -777,18 +836,6 @@ def _hand_back_large_blocks() -> None:
         pass
 
 
-def _cell_blocks(indptr: np.ndarray, block_nonzeros: int) -> list[tuple[int, int]]:
-    """Ranges of consecutive cells holding about block_nonzeros stored counts each (at least one cell)."""
-    bounds, start = [], 0
-    n = len(indptr) - 1
-    while start < n:
-        stop = int(np.searchsorted(indptr, indptr[start] + block_nonzeros, side="right")) - 1
-        stop = min(max(stop, start + 1), n)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
-
-
 def _read_block(group: h5py.Group, indptr: np.ndarray, lo: int, hi: int, n_genes: int, path: str) -> sp.csr_matrix:
     """Cells lo..hi-1 of a 10x count group as CSR (cells x all genes), index ranges checked."""
     a, b = int(indptr[lo]), int(indptr[hi])
@@ -800,14 +847,20 @@ def _read_block(group: h5py.Group, indptr: np.ndarray, lo: int, hi: int, n_genes
 
 
 def plan_10x_streamed(path: str, genome: str | None = None, round_counts: bool = False, min_counts_cell: int = 0,
-                      min_counts_gene: int = 0, block_nonzeros: int = STREAM_BLOCK_NONZEROS) -> StreamedPlan:
-    """First pass of the out-of-core conversion: check every value, apply the feature and count filters.
+                      min_counts_gene: int = 0, block_nonzeros: int = STREAM_BLOCK_NONZEROS,
+                      top_genes: int | None = None) -> StreamedPlan:
+    """First pass of the out-of-core conversion: check every value, apply the feature and count filters and
+    the gene selection.
 
     Reads the file one block of cells at a time, so the matrix is never held (the cell ids and per-cell offsets
-    and totals are). Same checks, filters and messages as read_10x_h5 followed by filter_counts; a bad block is
-    named by its cells.
+    and totals are). Same checks, filters and messages as read_10x_h5 followed by filter_counts and
+    select_genes; a bad block is named by its cells. The binomial deviance of top_genes is summed in the same
+    pass; with min_counts_gene as well it takes one more read of the file, since the cells' totals over the
+    genes that pass that filter are only known at the end of the first.
     """
     path = os.fspath(path)
+    if top_genes is not None:
+        _genes.check_count(top_genes)
     _hand_back_large_blocks()
     with _open_hdf5(path) as f:
         group, n_cells, n_genes, cells, genes, gene_ids, filters = _10x_metadata(f, path, genome)
@@ -823,6 +876,8 @@ def plan_10x_streamed(path: str, genome: str | None = None, round_counts: bool =
         cell_totals = np.zeros(n_cells)
         cell_nonzeros = np.zeros(n_cells, dtype=np.int64)
         gene_totals = np.zeros(len(columns))
+        # every gene passes min_counts_gene 0, so the cells' totals are final and the deviance sums in this pass
+        sums = _genes.DevianceSums(len(columns)) if top_genes is not None and not min_counts_gene else None
         for lo, hi in _cell_blocks(indptr, block_nonzeros):
             where = f"{path} (cells {lo + 1}-{hi})"
             X = _read_block(group, indptr, lo, hi, n_genes, path)
@@ -831,14 +886,30 @@ def plan_10x_streamed(path: str, genome: str | None = None, round_counts: bool =
             cell_nonzeros[lo:hi] = X.getnnz(axis=1)
             kept = cell_totals[lo:hi] >= min_counts_cell
             gene_totals += np.asarray(X[kept].sum(axis=0, dtype=np.float64)).ravel()
-    keep_cells = cell_totals >= min_counts_cell
-    _report_dropped(path, "cells", keep_cells, min_counts_cell)
-    keep_genes = gene_totals >= min_counts_gene
-    _report_dropped(path, "genes", keep_genes, min_counts_gene)
-    _check_left(path, int(keep_cells.sum()), int(keep_genes.sum()), min_counts_cell, min_counts_gene)
-    return StreamedPlan(path, genome, round_counts, block_nonzeros, cells[keep_cells], keep_cells,
-                        columns[keep_genes], genes[keep_genes], gene_ids[keep_genes],
-                        int(cell_nonzeros[keep_cells].sum()))
+            if sums is not None:
+                sums.add(X if kept.all() else X[kept])
+        keep_cells = cell_totals >= min_counts_cell
+        _report_dropped(path, "cells", keep_cells, min_counts_cell)
+        keep_genes = gene_totals >= min_counts_gene
+        _report_dropped(path, "genes", keep_genes, min_counts_gene)
+        _check_left(path, int(keep_cells.sum()), int(keep_genes.sum()), min_counts_cell, min_counts_gene)
+        columns, genes, gene_ids = columns[keep_genes], genes[keep_genes], gene_ids[keep_genes]
+        deviance = selection = None
+        if top_genes is not None:
+            if sums is None:
+                sums = _genes.DevianceSums(len(columns))
+                for lo, hi in _cell_blocks(indptr, block_nonzeros):
+                    kept = keep_cells[lo:hi]
+                    if kept.any():
+                        X = _read_block(group, indptr, lo, hi, n_genes, path)[kept][:, columns]
+                        sums.add(_check_values(X, f"{path} (cells {lo + 1}-{hi})", integer_source, round_counts))
+            deviance = sums.deviance()
+            keep = _genes.rank_top(deviance, top_genes)
+            _report_selection(path, top_genes, deviance.size)
+            selection = _selection_record(top_genes, deviance.size)
+            columns, genes, gene_ids, deviance = columns[keep], genes[keep], gene_ids[keep], deviance[keep]
+    return StreamedPlan(path, genome, round_counts, block_nonzeros, cells[keep_cells], keep_cells, columns, genes,
+                        gene_ids, int(cell_nonzeros[keep_cells].sum()), deviance, selection)
 
 
 def write_10x_streamed(plan: StreamedPlan, out: str) -> dict:
@@ -852,8 +923,9 @@ def write_10x_streamed(plan: StreamedPlan, out: str) -> dict:
     _check_space(out, int(1.05 * (8 * plan.nonzeros_bound + 8 * (n_cells + 1) + _names_bytes(plan.cells, plan.genes)))
                  + (1 << 20))
     obs, var = _obs_var(out, plan.cells, plan.genes, None, plan.gene_ids)
+    uns = _selection_annotations(var, plan.gene_deviance, plan.selection)
     with _atomic_path(out, suffix=".h5ad") as tmp:
-        anndata.AnnData(obs=obs, var=var).write_h5ad(tmp)  # obs, var and the empty slots; X written below
+        anndata.AnnData(obs=obs, var=var, uns=uns).write_h5ad(tmp)  # obs, var and the empty slots; X written below
         try:
             nonzeros, total, max_count = _write_x_streamed(plan, tmp, n_cells, n_genes)
         except _WriteFailed as err:  # the output's error (a full disk...), not the input's
@@ -927,11 +999,15 @@ def _10x_bytes_in_memory(path: str, genome: str | None) -> int:
 def prepare_input(path: str, format: str = "auto", *, stream: str = "auto", stream_above_gb: float = STREAM_ABOVE_GB,
                   genome: str | None = None, layer: str | None = None, use_raw: bool = False,
                   labels: str | None = None, round_counts: bool = False, min_counts_cell: int = 0,
-                  min_counts_gene: int = 0, block_nonzeros: int = STREAM_BLOCK_NONZEROS) -> Counts | StreamedPlan:
+                  min_counts_gene: int = 0, block_nonzeros: int = STREAM_BLOCK_NONZEROS,
+                  top_genes: int | None = None) -> Counts | StreamedPlan:
     """Read and check counts for `prepare`, writing nothing: in memory (Counts), or for a 10x HDF5 file with
     stream 'on' (or 'auto' and more than stream_above_gb GiB in memory) the first pass of the block-by-block
-    conversion (StreamedPlan). Either has .cells and goes to write_prepared."""
+    conversion (StreamedPlan). Either has .cells and goes to write_prepared. top_genes: keep that many genes of
+    highest binomial deviance after the count filters (select_genes); None keeps all."""
     path = os.fspath(path)
+    if top_genes is not None:
+        _genes.check_count(top_genes)  # before reading anything
     if stream not in ("auto", "on", "off"):
         raise _error(path, f"unknown stream setting {stream!r}; choose auto, on or off")
     fmt = detect_format(path) if format == "auto" and os.path.exists(path) else format
@@ -941,9 +1017,10 @@ def prepare_input(path: str, format: str = "auto", *, stream: str = "auto", stre
             stream == "on" or (stream == "auto" and _10x_bytes_in_memory(path, genome) > stream_above_gb * 2 ** 30)):
         log.info("%s: converting block by block (stream %s)", path, stream)
         return plan_10x_streamed(path, genome=genome, round_counts=round_counts, min_counts_cell=min_counts_cell,
-                                 min_counts_gene=min_counts_gene, block_nonzeros=block_nonzeros)
+                                 min_counts_gene=min_counts_gene, block_nonzeros=block_nonzeros, top_genes=top_genes)
     return read_counts(path, fmt, genome=genome, layer=layer, use_raw=use_raw, labels=labels,
-                       round_counts=round_counts, min_counts_cell=min_counts_cell, min_counts_gene=min_counts_gene)
+                       round_counts=round_counts, min_counts_cell=min_counts_cell, min_counts_gene=min_counts_gene,
+                       top_genes=top_genes)
 
 
 def write_prepared(prepared: Counts | StreamedPlan, out: str) -> dict:

@@ -173,3 +173,17 @@ def test_every_key_is_described_in_config_readme():
     walk(SCHEMA)
     missing = sorted(k for k in keys if not re.search(rf"`{re.escape(k)}`", readme))
     assert not missing, f"config/README.md does not describe: {missing}"
+
+
+@pytest.mark.parametrize("source", ["file", "download"])
+def test_top_genes_is_a_data_set_key_of_read_files(source):
+    config = _config_with_every_section()
+    section = config["datasets"]["local" if source == "file" else "web"][source]
+    for good in (1, 2000, None):
+        section["top_genes"] = good
+        assert errors(config) == [], good
+    for bad in (0, -5, 2.5, "2000"):
+        section["top_genes"] = bad
+        assert [tuple(e.absolute_path) for e in errors(config)] == [
+            ("datasets", "local" if source == "file" else "web", source, "top_genes")], bad
+

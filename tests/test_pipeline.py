@@ -404,6 +404,7 @@ def test_downloaded_and_local_data_sets_reach_table1(tmp_path, http_server):
             "web": {"download": {"url": f"{http_server}/{h5.name}", "format": "10x-h5",
                                  "sha256": hashlib.sha256(h5.read_bytes()).hexdigest()}},
             "local": {"file": {"path": str(h5.parent / "scanpy_v3_filtered_feature_bc_matrix"), "format": "mtx"}},
+            "picked": {"file": {"path": str(h5), "min_counts_gene": 1, "top_genes": 40}},
         },
         "gridsearch": {"datasets": []},
     }
@@ -414,6 +415,15 @@ def test_downloaded_and_local_data_sets_reach_table1(tmp_path, http_server):
     for name in ("web", "local"):
         assert (t.loc[name, "cells"], t.loc[name, "genes"], t.loc[name, "nonzeros"]) == (1107, 507, 23866)
     assert (work / "resources" / "downloads" / "web" / "raw").read_bytes() == h5.read_bytes()
+    # top_genes reaches prepare: the 40 genes the library ranks first among those with counts, recorded
+    import anndata
+
+    from scvae_torch import data
+
+    picked = anndata.read_h5ad(work / "results" / "data" / "picked" / "counts.h5ad")
+    expected = data.read_counts(h5, min_counts_gene=1, top_genes=40)
+    assert t.loc["picked", "genes"] == 40 and list(picked.var_names) == list(expected.genes)
+    assert dict(picked.uns["scvae_prepare"])["top_genes"] == 40
 
 
 def test_download_with_a_wrong_checksum_leaves_nothing(tmp_path, http_server):

@@ -80,6 +80,56 @@ def test_prepare_h5ad_labels_stratified_split_and_filters(tmp_path, capsys):
     assert (table["train"] >= 15).all() and (table["test"] >= 1).all()
 
 
+def test_prepare_top_genes_keeps_the_genes_brute_force_deviance_ranks_first(tmp_path, capsys):
+    from test_genes import brute_deviance, brute_top
+
+    X = random_counts(80, 30, density=0.4, seed=5).toarray().astype(np.float32)
+    X[:7] *= 6  # a block of cells with more counts, so that library size matters
+    X[3, :] = 0  # an empty cell, dropped by --min-counts-cell 1; the deviance is of the filtered matrix
+    X[:, 11] = 0
+    make_adata(X, 80, 30).write_h5ad(tmp_path / "in.h5ad")
+    paths = outputs(tmp_path)
+    status, err = run(capsys, "prepare", tmp_path / "in.h5ad", "--min-counts-cell", 1, "--top-genes", 8,
+                      "--out", paths["out"], "--summary", paths["summary"])
+    assert status == 0, err
+    assert "kept the 8 of 30 genes with the highest binomial deviance" in err
+    kept = np.delete(X, 3, axis=0)
+    expected = brute_top(kept, 8)
+    adata = anndata.read_h5ad(paths["out"])
+    assert list(adata.var_names) == [f"g{j}" for j in expected] and adata.n_obs == 79
+    assert np.array_equal(adata.X.toarray(), kept[:, expected])
+    np.testing.assert_allclose(adata.var["binomial_deviance"], brute_deviance(kept)[expected], rtol=1e-9)
+    assert dict(adata.uns["scvae_prepare"]) == {"criterion": "binomial_deviance", "top_genes": 8,
+                                                "genes_considered": 30}
+    assert json.loads(paths["summary"].read_text())["genes"] == 8
+    # the canonical readers (training's too) take the file as before
+    assert data.load_canonical(paths["out"]).X.shape == (79, 8)
+    from scvae_torch.batches import csr_nbytes, load_counts, read_annotations
+
+    assert list(read_annotations(str(paths["out"]))[2]) == list(adata.var_names)
+    assert load_counts(str(paths["out"]))[0].shape == (79, 8) and csr_nbytes(str(paths["out"])) > 0
+
+
+def test_prepare_top_genes_above_the_gene_count_keeps_all_and_says_so(tmp_path, capsys):
+    paths = outputs(tmp_path)
+    status, err = run(capsys, "prepare", V2, "--top-genes", 5000, "--out", paths["out"])
+    assert status == 0, err
+    assert "asked for the top 5000 genes by binomial deviance but 343 are left" in err
+    adata = anndata.read_h5ad(paths["out"])
+    assert adata.n_vars == 343 and adata.uns["scvae_prepare"]["top_genes"] == 5000
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "2.5", "many"])
+def test_prepare_bad_top_genes_writes_nothing(tmp_path, capsys, value):
+    paths = outputs(tmp_path)
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["prepare", str(V2), "--top-genes", value, "--out", str(paths["out"]), "--summary",
+                  str(paths["summary"]), "--split", str(paths["split"])])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and "--top-genes: expected a whole number >= 1" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_prepare_round_accepts_non_integers_with_a_warning(tmp_path, capsys):
     make_adata(sp.csr_matrix(np.array([[0.5, 2.2], [1.0, 3.7]])), 2, 2).write_h5ad(tmp_path / "in.h5ad")
     paths = outputs(tmp_path)
@@ -104,8 +154,8 @@ def test_help_documents_every_option_with_its_default(capsys):
         cli.main(["prepare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for option in ("--format", "--genome", "--layer", "--use-raw", "--labels", "--round", "--min-counts-cell",
-                   "--min-counts-gene", "--out", "--summary", "--split", "--split-seed", "--split-fractions",
-                   "--stratify"):
+                   "--min-counts-gene", "--top-genes", "--out", "--summary", "--split", "--split-seed",
+                   "--split-fractions", "--stratify"):
         assert option in text
     assert "(default: 0.81,0.09,0.10)" in text and "(default: auto)" in text
 

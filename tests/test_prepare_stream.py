@@ -59,6 +59,42 @@ def test_streamed_conversion_writes_the_in_memory_file(tmp_path, options):
         assert "c5" not in set(plan.cells) and streamed["genes"] < 24
 
 
+@pytest.mark.parametrize("options", [{"top_genes": 7}, {"top_genes": 7, "min_counts_cell": 60, "min_counts_gene": 3},
+                                     {"top_genes": 5, "genome": "mm", "round_counts": True}, {"top_genes": 100}])
+def test_streamed_gene_selection_writes_the_in_memory_file(tmp_path, options):
+    """The deviance summed in the first pass (or, with min_counts_gene, in one more pass) selects the genes the
+    in-memory path selects, and both record the same deviances and selection."""
+    from test_genes import brute_top
+
+    X = _v3(tmp_path / "in.h5")
+    memory = data.prepare_input(tmp_path / "in.h5", stream="off", **options)
+    plan = data.prepare_input(tmp_path / "in.h5", stream="on", block_nonzeros=97, **options)
+    summary = data.write_prepared(plan, tmp_path / "streamed.h5ad")
+    assert summary == data.write_prepared(memory, tmp_path / "memory.h5ad")
+    _same_file(tmp_path / "streamed.h5ad", tmp_path / "memory.h5ad")
+    streamed, in_memory = anndata.read_h5ad(tmp_path / "streamed.h5ad"), anndata.read_h5ad(tmp_path / "memory.h5ad")
+    np.testing.assert_allclose(streamed.var["binomial_deviance"], in_memory.var["binomial_deviance"], rtol=1e-10)
+    assert streamed.uns["scvae_prepare"] == in_memory.uns["scvae_prepare"]
+    # independently: the genes the brute-force deviance of the filtered matrix ranks first
+    filtered = data.read_counts(tmp_path / "in.h5", **{k: v for k, v in options.items() if k != "top_genes"})
+    expected = brute_top(filtered.X.toarray(), options["top_genes"])
+    assert list(streamed.var["gene_ids"]) == list(filtered.gene_ids[expected])
+    assert dict(streamed.uns["scvae_prepare"]) == {"criterion": "binomial_deviance", "top_genes": options["top_genes"],
+                                                   "genes_considered": filtered.X.shape[1]}
+
+
+@pytest.mark.parametrize(("options", "passes"), [({}, 1), ({"top_genes": 7}, 1),
+                                                ({"top_genes": 7, "min_counts_gene": 3}, 2)])
+def test_gene_selection_reads_the_file_once_unless_genes_are_filtered_by_count(tmp_path, monkeypatch, options, passes):
+    _v3(tmp_path / "in.h5")
+    reads = []
+    real = data._read_block
+    monkeypatch.setattr(data, "_read_block", lambda *args: reads.append(args[2]) or real(*args))
+    data.prepare_input(tmp_path / "in.h5", stream="on", block_nonzeros=97, **options)
+    blocks = len(set(reads))
+    assert blocks > 10 and len(reads) == passes * blocks
+
+
 def test_streamed_v2_fixture_and_the_training_reader(tmp_path):
     """scanpy's Cell Ranger v2 file, one cell per block; the result streams into training like any h5ad."""
     plan = data.prepare_input(V2, stream="on", block_nonzeros=1)
