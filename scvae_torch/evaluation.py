@@ -136,8 +136,8 @@ def evaluate_dataset(model_dir: str, data_path: str, metrics_path: str, latent_p
     stream as in training: 'on' (or 'auto' above stream_above_gb GiB) reads the counts from the file
     minibatch by minibatch instead of holding them (compactly) in memory."""
     dev = resolve_device(device)
+    model = load_model(model_dir, dev)  # first: a damaged or unsafe model file is named as such
     provenance.check_evaluable(model_dir)  # not locked by a training, checkpointed, trained
-    model = load_model(model_dir, dev)
     provenance.check_canonical_file(data_path)
     if streams(data_path, TrainConfig(stream=stream, stream_above_gb=stream_above_gb)):
         try:  # the same one line as `train` for a file that cannot be streamed
