@@ -264,10 +264,18 @@ class StreamSource:
         shape = X.attrs.get("shape")
         n_genes = int(shape[1]) if shape is not None else int(self._indices[:].max()) + 1
         self.shape = (len(self._indptr) - 1, n_genes)
+        self._n_file_genes = n_genes
         self._cache: collections.OrderedDict[int, sp.csr_matrix] = collections.OrderedDict()
         self._cache_size = 2 * blocks_per_chunk
         self.description = f"streamed from {self.path} (blocks of {block_cells} cells)"
         self.blocks_read = 0
+        self._columns: np.ndarray | None = None
+
+    def select_columns(self, order: np.ndarray) -> None:
+        """From now on give the genes in `order` (indices of the file's columns), e.g. a run's gene order."""
+        self._columns = np.asarray(order, dtype=np.int64)
+        self.shape = (self.shape[0], len(self._columns))
+        self._cache.clear()
 
     def close(self) -> None:
         """Close the HDF5 file."""
@@ -301,7 +309,10 @@ class StreamSource:
             raise SourceError(f"{self.path}: cells {first}-{last - 1} have {problem}; counts must be whole "
                               "numbers >= 0")
         block = sp.csr_matrix((data, indices, self._indptr[first:last + 1] - lo),
-                              shape=(last - first, self.shape[1]))
+                              shape=(last - first, self._n_file_genes))
+        if self._columns is not None:
+            block = block[:, self._columns]
+            block.sort_indices()
         self._cache[b] = block
         self.blocks_read += 1
         if len(self._cache) > self._cache_size:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 
 
@@ -70,21 +69,21 @@ def _fractions(text: str) -> tuple[float, float, float]:
 
 
 class _StderrLog:
-    """Show the library's log lines (INFO and up) on stderr while a command runs."""
+    """Show the library's log lines (INFO and up, or from `level`) on stderr while a command runs."""
 
-    def __init__(self, command: str):
+    def __init__(self, command: str, level: int = 20):
         import logging
 
         self.logger = logging.getLogger("scvae_torch")
         self.handler = logging.StreamHandler(sys.stderr)
         self.handler.setFormatter(logging.Formatter(f"scvae-torch {command}: %(message)s"))
-        self.level = self.logger.level
+        self.level, self.show = self.logger.level, level
 
     def __enter__(self):
         import logging
 
         self.logger.addHandler(self.handler)
-        self.logger.setLevel(logging.INFO)
+        self.logger.setLevel(self.show)
         return self
 
     def __exit__(self, *exc):
@@ -157,6 +156,8 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
                                min_counts_gene=args.min_counts_gene, top_genes=args.top_genes)
         split = (make_split(counts.cells, getattr(counts, "labels", None), args.split_fractions, seed=args.split_seed,
                             stratify=args.stratify) if args.split else None)
+        if split is not None:
+            _check_split(split, args.split_fractions, args.split, args.stratify)
         # every value is checked before the first write, so bad input leaves no output behind
         summary = write_prepared(counts, args.out)
         if args.summary:
@@ -166,6 +167,24 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     labels = f", {summary['labels']} labels" if summary["labels"] else ""
     print(f"scvae-torch prepare: wrote {args.out}: {summary['cells']} cells x {summary['genes']} genes, "
           f"{summary['sparsity_percent']:.2f}% zeros{labels}", file=sys.stderr)
+
+
+def _check_split(split, fractions: tuple[float, float, float], path: str, stratified: bool) -> None:
+    """Refuse a stratified split whose asked-for subset came out empty (labels too small to give it a cell);
+    warn, naming what it means later, about an empty validation or test subset."""
+    import logging
+
+    from .data import SUBSETS
+    from .provenance import check_split_sizes
+
+    sizes = {name: int((split.to_numpy() == name).sum()) for name in SUBSETS}
+    if stratified:
+        check_split_sizes(sizes, fractions, path)
+    log = logging.getLogger("scvae_torch.prepare")
+    if sizes["validation"] == 0:
+        log.warning("%s: no validation cells: training will choose best.pt on the training ELBO", path)
+    if sizes["test"] == 0:
+        log.warning("%s: no test cells: `scvae-torch evaluate` will refuse this split", path)
 
 
 # --- download (owned by the data task) ------------------------------------------------------------
@@ -393,9 +412,14 @@ def _model_train_configs(args: argparse.Namespace) -> tuple[dict, "object"]:
                             pretrain_epochs=args.pretrain_epochs, early_stopping=args.early_stopping,
                             patience=args.patience, threads=args.threads, precision=args.precision,
                             compile=args.compile, stream=args.stream, stream_above_gb=args.stream_above_gb)
-        ModelConfig(n_features=1, **model)  # validate before any data is read
+        cfg = ModelConfig(n_features=1, **model)  # validate before any data is read
     except ValueError as err:
         raise UsageError(str(err)) from None
+    from .provenance import inapplicable_options
+
+    ignored = inapplicable_options(cfg, train)  # given on the command line, so said and refused, not ignored
+    if ignored:
+        raise UsageError(f"not used by a {cfg.model}-{cfg.likelihood} model: {'; '.join(ignored)}; leave them out")
     return model, train
 
 
@@ -408,12 +432,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
     for path in (args.data, args.split):
         if path is not None and not Path(path).is_file():
             raise UsageError(f"{path}: no such file")
-    # One line per epoch on stderr where no progress bar is drawn (sbatch, nohup, a redirect); the bar otherwise.
-    quiet = contextlib.nullcontext() if sys.stderr.isatty() else _StderrLog("train")
-    with quiet:
+    # One line per epoch on stderr where no progress bar is drawn (sbatch, nohup, a redirect), else the bar;
+    # warnings (no validation cells, a gene order put right) as one line each either way.
+    with _StderrLog("train", level=30 if sys.stderr.isatty() else 20):
         metrics = train_dataset(args.data, args.out, model, train, split_path=args.split)
+    chosen = "training" if metrics.get("best_chosen_on") == "train" else "validation"
     print(f"trained {metrics['model']}-{metrics['likelihood']} for {metrics['epochs_trained']} epochs on "
-          f"{metrics['device_name']}: best validation ELBO {metrics['best_val_elbo']:.4f} "
+          f"{metrics['device_name']}: best {chosen} ELBO {metrics['best_val_elbo']:.4f} "
           f"(epoch {metrics['best_epoch']}); results in {args.out}")
 
 
@@ -452,10 +477,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.run}: no such run folder")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    m = evaluate_dataset(args.run, args.data, str(out / "metrics.json"), str(out / "latent.h5ad"),
-                         split_path=args.split, iw_samples=args.iw_samples, seed=args.seed,
-                         feature_means_path=str(out / "feature_means.tsv"), device=args.device, stream=args.stream,
-                         stream_above_gb=args.stream_above_gb)
+    with _StderrLog("evaluate", level=30):
+        m = evaluate_dataset(args.run, args.data, str(out / "metrics.json"), str(out / "latent.h5ad"),
+                             split_path=args.split, iw_samples=args.iw_samples, seed=args.seed,
+                             feature_means_path=str(out / "feature_means.tsv"), device=args.device,
+                             stream=args.stream, stream_above_gb=args.stream_above_gb)
     iw = f", importance-weighted log p(x) {m['iw_log_lik']:.4f}" if "iw_log_lik" in m else ""
     print(f"test ELBO {m['elbo']:.4f} per cell{iw} on {m['n_cells']} cells; results in {out}")
 

@@ -384,8 +384,59 @@ def read_h5ad(path: str, layer: str | None = None, use_raw: bool = False, labels
         gene_ids = _read_elem(var_group["gene_ids"], path, "var['gene_ids']") if "gene_ids" in var_group else None
         label_values = _h5ad_labels(obs, labels, path) if labels is not None else None
         X, integer_source = _read_h5ad_matrix(element, path, what)
-    return _finish(path, X, genes, cells, label_values, gene_ids, integer_source=integer_source,
-                   round_counts=round_counts)
+    try:
+        return _finish(path, X, genes, cells, label_values, gene_ids, integer_source=integer_source,
+                       round_counts=round_counts)
+    except DataError as err:
+        if layer is not None or use_raw:
+            raise
+        raise _counts_elsewhere(err, path, "prepare") from None
+
+
+def _whole_number_sources(path: str) -> list[str]:
+    """Layers (and raw.X) of an h5ad whose first stored values are whole numbers >= 0: where raw counts may be
+    when X holds normalised values. Names only; '' entries never; an unreadable file gives []."""
+    found = []
+    try:
+        with h5py.File(path, "r") as f:
+            candidates = [(f"layer {name!r}", f["layers"][name]) for name in sorted(f["layers"])] \
+                if isinstance(f.get("layers"), h5py.Group) else []
+            if isinstance(f.get("raw"), h5py.Group) and "X" in f["raw"]:
+                candidates.append(("raw.X", f["raw"]["X"]))
+            for name, element in candidates:
+                values = element["data"] if isinstance(element, h5py.Group) and "data" in element else element
+                if not isinstance(values, h5py.Dataset) or values.size == 0:
+                    continue
+                sample = np.asarray(values[:_CHUNK] if values.ndim == 1 else values[:max(1, _CHUNK // max(
+                    values.shape[1], 1))]).ravel()
+                if sample.size and not _not_whole(sample):
+                    found.append(name)
+    except (OSError, KeyError, TypeError, ValueError):
+        return []
+    return found
+
+
+def _not_whole(values: np.ndarray) -> bool:
+    """Whether values hold anything but finite whole numbers >= 0."""
+    values = values.astype(np.float64, copy=False)
+    return not (np.isfinite(values).all() and values.min() >= 0 and np.array_equal(values, np.rint(values)))
+
+
+def _counts_elsewhere(err: DataError, path: str, command: str) -> DataError:
+    """err (non-integer values in X) with the layers or raw.X that hold whole numbers named as the fix."""
+    if "non-integer values" not in str(err):
+        return err
+    sources = _whole_number_sources(path)
+    if not sources:  # train has no --round: `prepare` is where rounding is asked for
+        return err if command == "prepare" else DataError(str(err).replace(
+            "the round option (--round) rounds them", f"`scvae-torch prepare {path} --round` rounds them"))
+    first = sources[0]
+    option = "--use-raw" if first == "raw.X" else f"--layer {first.split(' ', 1)[1].strip(chr(39))}"
+    how = f"read them with `{option}`" if command == "prepare" else \
+        f"convert it with `scvae-torch prepare {path} {option} --out counts.h5ad`"
+    text = str(err).split("; the round option")[0]
+    return DataError(f"{text}; {' and '.join(sources)} of the file hold{'s' if len(sources) == 1 else ''} whole "
+                     f"numbers (raw counts?): {how}")
 
 
 def _first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:
@@ -793,7 +844,11 @@ def load_canonical(path: str) -> Counts:
     X = adata.X if sp.issparse(adata.X) else sp.csr_matrix(adata.X)
     labels = adata.obs["label"].to_numpy(dtype=object) if "label" in adata.obs else None
     gene_ids = adata.var["gene_ids"].to_numpy(dtype=object) if "gene_ids" in adata.var else None
-    return _finish(path, sp.csr_matrix(X), adata.var_names.to_numpy(), adata.obs_names.to_numpy(), labels, gene_ids)
+    try:
+        return _finish(path, sp.csr_matrix(X), adata.var_names.to_numpy(), adata.obs_names.to_numpy(), labels,
+                       gene_ids)
+    except DataError as err:  # train / evaluate: a log-normalised X whose counts are in a layer
+        raise _counts_elsewhere(err, path, "train") from None
 
 
 # --- 10x HDF5 to the canonical file, block by block -------------------------------------------------

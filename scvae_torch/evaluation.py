@@ -12,12 +12,16 @@ import torch
 
 from .batches import Source, StreamSource, load_counts, open_source, read_annotations
 from .config import TrainConfig
+from . import provenance
+from .batches import SourceError
 from .models import GMVAE, VAE
 from .training import (
+    TrainingError,
     atomic_write_text,
     evaluate_terms,
     load_model,
     resolve_device,
+    select_genes,
     streams,
 )
 
@@ -132,16 +136,31 @@ def evaluate_dataset(model_dir: str, data_path: str, metrics_path: str, latent_p
     stream as in training: 'on' (or 'auto' above stream_above_gb GiB) reads the counts from the file
     minibatch by minibatch instead of holding them (compactly) in memory."""
     dev = resolve_device(device)
-    model = load_model(model_dir, dev)
+    model = load_model(model_dir, dev)  # first: a damaged or unsafe model file is named as such
+    provenance.check_evaluable(model_dir)  # not locked by a training, checkpointed, trained
+    provenance.check_canonical_file(data_path)
     if streams(data_path, TrainConfig(stream=stream, stream_above_gb=stream_above_gb)):
-        cells, labels, genes = read_annotations(data_path)
-        X = StreamSource(data_path, dev)
+        try:  # the same one line as `train` for a file that cannot be streamed
+            cells, labels, genes = read_annotations(data_path)
+            X = StreamSource(data_path, dev)
+        except SourceError as err:
+            raise TrainingError(str(err)) from None
     else:
         counts, cells, labels, genes = load_counts(data_path)  # whole counts held compactly (memory)
-        X = open_source(counts, dev)  # once, for every pass below (on a GPU: moved there once)
+        X = None
     try:
+        provenance.check_cell_ids(data_path, cells)
+        order = provenance.align_genes(model_dir, genes, data_path)  # the model's gene order, by name
+        if X is None:
+            X = open_source(counts if order is None else select_genes(counts, order), dev)  # once, for every pass
+        elif order is not None:
+            X = select_genes(X, order)
+        if order is not None:
+            genes = genes[order]
         return _evaluate(model, X, cells, labels, genes, model_dir, metrics_path, latent_path, split_path,
                          iw_samples, seed, feature_means_path, dev)
+    except SourceError as err:  # a streamed block that cannot be read or holds no counts
+        raise TrainingError(f"{err}; nothing was written") from None
     finally:
         if isinstance(X, StreamSource):
             X.close()
@@ -157,6 +176,7 @@ def _evaluate(model: VAE, X: CountSource, cells: np.ndarray, labels: np.ndarray 
 
     split = Path(split_path) if split_path else Path(model_dir) / "split.tsv"
     subsets = data.read_split(str(split), cells)
+    provenance.check_evaluation_split(model_dir, cells, subsets, str(split))  # test cells it never trained on
     test = subsets["test"]
     metrics = {"model": model.cfg.model, "likelihood": model.cfg.likelihood,
                **evaluate_model(model, X, test, iw_samples=iw_samples, seed=seed, device=dev)}

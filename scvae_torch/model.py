@@ -22,9 +22,10 @@ import torch
 from . import distributions as D
 from .batches import open_source
 from .config import ModelConfig, TrainConfig
-from .data import DataError, make_split, refuse_bad_counts, write_split
+from .data import DataError, make_split, refuse_bad_counts
 from .evaluation import evaluate_model, latent_means, responsibilities
 from .models import GMVAE, VAE, build_model
+from .provenance import RunInputs, check_genes
 from .training import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, HISTORY, TrainingError, atomic_torch_save,
                        atomic_write_text, fit, load_checkpoint, resolve_device)
 
@@ -87,22 +88,6 @@ def _labels(adata, labels_key: str | None) -> np.ndarray | None:
     if missing:
         raise DataError(f"adata.obs[{labels_key!r}]: {missing} cells without a label")
     return column.astype(str).to_numpy()
-
-
-def _gene_order(model_genes: np.ndarray, genes: np.ndarray, where: str) -> np.ndarray | None:
-    """Columns of `genes` in the model's gene order (None when already the same); other genes are an error."""
-    if np.array_equal(model_genes, genes):
-        return None
-    if len(set(genes)) != len(genes):
-        raise DataError(f"{where}: gene names are not unique (var_names_make_unique() first)")
-    position = {g: i for i, g in enumerate(genes)}
-    missing = [g for g in model_genes if g not in position]
-    extra = len(genes) - (len(model_genes) - len(missing))
-    if missing or extra:
-        raise DataError(f"{where}: genes differ from the model's ({len(missing)} of its {len(model_genes)} missing, "
-                        f"e.g. {', '.join(missing[:3])}; {extra} not in the model); subset to the model's genes")
-    log.info("%s: genes are the model's in another order; reordered by name", where)
-    return np.array([position[g] for g in model_genes])
 
 
 class SCVAE:
@@ -214,10 +199,9 @@ class SCVAE:
                 raise DataError("y_regularisation='supervised' needs labels: give labels_key")
             labels = pd.Categorical(self.labels).codes.astype(np.int64)
         with _run_folder(checkpoint_dir) as out:
-            if checkpoint_dir is not None:
-                write_split(split, str(out / "split.tsv"))
+            subsets = {"train": self.train_indices, "validation": self.validation_indices, "test": self.test_indices}
             self.metrics = fit(self._X, self.train_indices, self.validation_indices, self.model_config, tc, out,
-                               labels=labels)
+                               labels=labels, inputs=RunInputs(self.genes, cells, subsets, "adata", split=split))
             best = out / BEST if (out / BEST).exists() else out / CHECKPOINT
             self.module.load_state_dict(load_checkpoint(best, "cpu")["model_state"])
             self.history = pd.read_csv(out / HISTORY, sep="\t")
@@ -248,7 +232,8 @@ class SCVAE:
                 raise ValueError("this model was loaded without data: pass adata=")
             return self._X
         X = _counts(adata, self.layer)
-        order = _gene_order(self.genes, np.asarray(adata.var_names, dtype=str), "adata.var_names")
+        order = check_genes(self.genes, np.asarray(adata.var_names, dtype=str), "adata.var_names", ".",
+                            model="this SCVAE model")
         return X if order is None else X[:, order]
 
     def _rows(self, X: sp.csr_matrix, indices) -> np.ndarray:

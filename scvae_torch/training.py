@@ -28,6 +28,7 @@ from .batches import (Source, SourceError, StreamSource, csr_nbytes, epoch_permu
 from .config import ModelConfig, TrainConfig
 from .distributions import wide_dtype
 from .models import GMVAE, VAE, build_model
+from . import provenance
 
 log = logging.getLogger("scvae_torch.training")
 
@@ -316,14 +317,15 @@ def _history_frame(history: list[dict]) -> pd.DataFrame:
 
 
 def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, model_config: dict | ModelConfig,
-        train_config: TrainConfig, out_dir: str | Path, labels: np.ndarray | None = None) -> dict:
+        train_config: TrainConfig, out_dir: str | Path, labels: np.ndarray | None = None,
+        inputs: provenance.RunInputs | None = None) -> dict:
     """Train (or resume) a model in out_dir; writes checkpoint.pt, best.pt, history.tsv, metrics.json.
 
     X: a CSR count matrix in memory or a batch Source (e.g. a StreamSource reading the h5ad file).
     labels (integer codes per row of X) are used only by the supervised y-regularisation ablation.
+    inputs: the genes, cells and split, recorded in out_dir (split.tsv, run.json) when the run starts.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_dict(
         {**model_config, "n_features": X.shape[1]} if "n_features" not in model_config else model_config)
     if cfg.n_features != X.shape[1]:
@@ -333,6 +335,8 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
     if len(train_idx) == 0:
         raise TrainingError("the training split is empty")
     tc = train_config.resolved(X.shape[0], cfg.model)
+    provenance.check_training_plan(cfg, tc, len(train_idx), len(val_idx))
+    out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(tc.device)
     source = open_source(X, device)
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
@@ -345,7 +349,9 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
         torch.manual_seed(tc.seed)
         model = build_model(cfg).to(device)
         optimiser = adam(model, tc)
-        state = _resume_state(out, cfg, model, optimiser, device)
+        state = _resume_state(out, cfg, model, optimiser, device, tc)
+        if inputs is not None:
+            provenance.settle_run(out, inputs, resuming=(out / CHECKPOINT).exists())
         compiled = tc.compile and compile_model(model, device)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bfloat16")
         epoch, batch0 = state["epoch"], state["batch"]
@@ -372,8 +378,8 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
             model.train()
             for b in range(batch0, n_batches):
                 rows = perm[b * tc.batch_size:(b + 1) * tc.batch_size]
-                if len(rows) < 2 and cfg.batch_norm and n_batches > 1:
-                    continue  # batch norm cannot train on one cell
+                if len(rows) < 2 and cfg.batch_norm:
+                    continue  # batch norm cannot train on one cell (a last minibatch of one; smaller ones are refused)
                 batch = source.batch(rows)
                 y = label_t[rows].to(device) if label_t is not None else None
                 optimiser.zero_grad(set_to_none=True)  # before the forward pass: last step's gradients freed
@@ -383,7 +389,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                 loss = result["loss"]
                 if device.type == "cpu" and not torch.isfinite(loss):  # on a GPU checked once per epoch, below:
                     raise TrainingError(f"non-finite loss at epoch {epoch + 1}, minibatch {b + 1}: stopped; "
-                                        f"the last good checkpoint in {out} is intact")  # reading it waits
+                                        f"{provenance.checkpoint_note(out)}")  # reading it waits
                 loss.backward()
                 optimiser.step()
                 # The ELBO terms' sums stay on the device (no wait for it per minibatch); NaN there = a bad loss.
@@ -411,7 +417,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
             val_elbo = val.get("elbo", train_terms["elbo"])
             if not math.isfinite(val_elbo):
                 raise TrainingError(f"non-finite validation ELBO at epoch {epoch}: stopped; "
-                                    f"the last good checkpoint in {out} is intact")
+                                    f"{provenance.checkpoint_note(out)}")
             # a GMVAE still pre-training is not a candidate for best.pt (its p(z|y) is not set), unless it never ends
             if val_elbo > best_val and not (isinstance(model, GMVAE) and tc.pretrain_epochs >= epoch < tc.epochs):
                 best_val, best_epoch = val_elbo, epoch
@@ -441,6 +447,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
             **cfg.to_dict(), **{f"train_{k}": v for k, v in asdict(tc).items()},
             "epochs_trained": epoch, "best_epoch": best_epoch, "best_val_elbo": best_val,
             "stopped_early": stops_early(tc, epoch, best_epoch, len(val_idx)),
+            "best_chosen_on": "validation" if len(val_idx) else "train",
             "final": {k: v for k, v in last.items()},
             "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
             "seconds_per_epoch": float(np.mean([h["seconds"] for h in history])) if history else None,
@@ -467,13 +474,13 @@ def _add_sums(partial: dict, sums: torch.Tensor | None, epoch: int, out: Path) -
         return partial
     values = sums.tolist()
     if not all(map(math.isfinite, values)):
-        raise TrainingError(f"non-finite loss (ELBO terms) in epoch {epoch + 1}: stopped; the last good checkpoint "
-                            f"in {out} is intact")
+        raise TrainingError(f"non-finite loss (ELBO terms) in epoch {epoch + 1}: stopped; "
+                            f"{provenance.checkpoint_note(out)}")
     return {**partial, **{k: partial.get(k, 0.0) + v for k, v in zip(TERMS, values)}}
 
 
 def _resume_state(out: Path, cfg: ModelConfig, model: VAE, optimiser: torch.optim.Optimizer,
-                  device: torch.device) -> dict:
+                  device: torch.device, tc: TrainConfig | None = None) -> dict:
     """Restore model, optimiser and RNG from out/checkpoint.pt (if damaged, checkpoint.prev.pt); else a fresh state."""
     fresh = {"epoch": 0, "batch": 0, "partial": {}, "history": [], "best_val_elbo": -math.inf, "best_epoch": 0}
     for stale in out.glob(".*.tmp[0-9]*"):  # temporary files of a killed run (we hold the folder's lock)
@@ -501,6 +508,8 @@ def _resume_state(out: Path, cfg: ModelConfig, model: VAE, optimiser: torch.opti
     if state.get("model_config") != cfg.to_dict():
         raise TrainingError(f"{path} holds a different model ({state.get('model_config')}); "
                             "use a new output folder or delete it")
+    if tc is not None:  # other settings (but epochs, device, ...) would be recorded without being applied
+        provenance.check_resume_settings(state.get("train_config"), tc, path, state["epoch"])
     model.load_state_dict(state["model_state"])
     optimiser.load_state_dict(state["optimizer_state"])
     _set_rng_state(state["rng"], device)
@@ -553,35 +562,62 @@ def _save(out: Path, model: VAE, optimiser: torch.optim.Optimizer, cfg: ModelCon
 
 def train_dataset(data_path: str, out_dir: str, model_config: dict, train_config: TrainConfig,
                   split_path: str | None = None) -> dict:
-    """Train (or resume) on a canonical h5ad; without a split file, a seeded default split is saved in out_dir."""
+    """Train (or resume) on a canonical h5ad; without a split file, a seeded default split is saved in out_dir.
+
+    A resumed run must get the genes (reordered by name when only their order differs) and the split it
+    started with (provenance.RECORD); nothing is written before the data, split and settings are checked.
+    """
     from . import data
 
+    provenance.check_canonical_file(data_path)
     if streams(data_path, train_config):  # X stays in the file; only the cell ids and labels are read
         try:
-            cells, cell_labels, _ = read_annotations(data_path)
+            cells, cell_labels, genes = read_annotations(data_path)
             X = StreamSource(data_path, resolve_device(train_config.device))
         except SourceError as err:
             raise TrainingError(str(err)) from None
     else:
-        X, cells, cell_labels, _ = load_counts(data_path)  # whole counts never held as float32 (peak memory)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    saved = out / "split.tsv"
-    if split_path is None and not saved.exists():
-        data.write_split(data.make_split(cells, seed=train_config.seed), str(saved))
-    subsets = data.read_split(str(split_path or saved), cells)
-    labels = None
-    if model_config.get("y_regularisation") == "supervised":
-        if cell_labels is None:
-            raise TrainingError(f"{data_path}: y_regularisation 'supervised' needs labels (obs['label'])")
-        labels = pd.Categorical(cell_labels).codes.astype(np.int64)
+        X, cells, cell_labels, genes = load_counts(data_path)  # whole counts never held as float32 (peak memory)
     try:
-        return fit(X, subsets["train"], subsets["validation"], model_config, train_config, out, labels=labels)
-    except SourceError as err:  # a streamed block that cannot be read or holds no counts: one line
-        raise TrainingError(f"{err}; the last good checkpoint in {out} is intact") from None
+        provenance.check_cell_ids(data_path, cells)
+        out = Path(out_dir)
+        saved = out / "split.tsv"
+        split = None
+        if split_path is None and not saved.exists():
+            split = data.make_split(cells, seed=train_config.seed)
+            subsets = {name: np.flatnonzero(split.to_numpy() == name) for name in data.SUBSETS}
+        else:
+            subsets = data.read_split(str(split_path or saved), cells)
+        record = provenance.read_record(out) if (out / CHECKPOINT).exists() else None
+        if record is not None:  # resuming: the genes and split the run started with
+            order = provenance.check_genes(record["genes"], genes, data_path, out)
+            if order is not None:  # the split is checked against the record by fit (provenance.settle_run)
+                X, genes = select_genes(X, order), genes[order]
+        labels = None
+        if model_config.get("y_regularisation") == "supervised":
+            if cell_labels is None:
+                raise TrainingError(f"{data_path}: y_regularisation 'supervised' needs labels (obs['label'])")
+            labels = pd.Categorical(cell_labels).codes.astype(np.int64)
+        inputs = provenance.RunInputs(genes, cells, subsets, data_path, split_file=split_path or str(saved),
+                                      split=split)
+        try:
+            return fit(X, subsets["train"], subsets["validation"], model_config, train_config, out, labels=labels,
+                       inputs=inputs)
+        except SourceError as err:  # a streamed block that cannot be read or holds no counts: one line
+            raise TrainingError(f"{err}; {provenance.checkpoint_note(out)}") from None
     finally:
         if isinstance(X, StreamSource):
             X.close()
+
+
+def select_genes(X: sp.csr_matrix | Source, order: np.ndarray) -> sp.csr_matrix | Source:
+    """The counts with their gene columns taken in `order` (in memory: a new CSR matrix; streamed: per block)."""
+    if isinstance(X, StreamSource):
+        X.select_columns(order)
+        return X
+    X = X[:, order]
+    X.sort_indices()
+    return X
 
 
 def streams(data_path: str, tc: TrainConfig) -> bool:

@@ -190,7 +190,7 @@ def test_load_reorders_genes_by_name_and_refuses_other_genes(trained, tmp_path):
     loaded = SCVAE.load(tmp_path / "m", adata=reversed_genes)
     np.testing.assert_allclose(loaded.get_latent_representation(), model.get_latent_representation(), rtol=1e-5,
                                atol=1e-6)
-    with pytest.raises(DataError, match="genes differ"):
+    with pytest.raises(DataError, match="genes are missing"):
         SCVAE.load(tmp_path / "m", adata=adata[:, :-1].copy())
 
 
