@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of the README's Performance section, in one go on a GPU machine (16 cores):
+# The GPU measurements of docs/performance.md, in one go on a GPU machine (16 cores):
 #   bash benchmarks/run_gpu.sh OUT_DIR
 # 1. GPU checks (benchmarks/gpu_checks.py); 2. in the background, pinned to 2 CPU cores, scvae-torch vs
 # scVI on the CPU of a quiet machine; 3. scvae-torch vs scVI on the GPU; 4. the paper-sized model on the

@@ -1,5 +1,5 @@
-# Data: simulate, download (checksum-verified) or read a local file into results/data/{dataset}/counts.h5ad,
-# then a seeded train/validation/test split and Table 1.
+# Data: simulate, download (checked against a given or recorded checksum) or read a local file into
+# results/data/{dataset}/counts.h5ad, then a seeded train/validation/test split and Table 1.
 
 
 rule simulate_data:

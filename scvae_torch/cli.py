@@ -28,7 +28,7 @@ def _int_list(text: str) -> list[int]:
     return sizes
 
 
-# --- prepare (owned by the data task) -------------------------------------------------------------
+# --- prepare --------------------------------------------------------------------------------------
 
 _FORMATS = ("auto", "10x-h5", "h5ad", "mtx")   # scvae_torch.data.FORMATS (kept here so --help stays fast)
 _SPLIT_FRACTIONS = "0.81,0.09,0.10"            # scvae_torch.data.DEFAULT_FRACTIONS
@@ -187,7 +187,7 @@ def _check_split(split, fractions: tuple[float, float, float], path: str, strati
         log.warning("%s: no test cells: `scvae-torch evaluate` will refuse this split", path)
 
 
-# --- download (owned by the data task) ------------------------------------------------------------
+# --- download -------------------------------------------------------------------------------------
 
 def _add_download(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="fetch a registered data set or an http(s) URL, with checksum and retries",
@@ -227,7 +227,7 @@ def _cmd_download(args: argparse.Namespace) -> None:
     print(f"scvae-torch download: {args.out} sha256 {digest}", file=sys.stderr)
 
 
-# --- simulate (owned by the simulate task) --------------------------------------------------------
+# --- simulate -------------------------------------------------------------------------------------
 
 _SIM_KINDS = ("poisson-check", "gmvae-mixture", "single-cell")
 # mirrors the defaults of scvae_torch.simulate (tests/test_simulate.py checks they agree), so --help stays fast
@@ -342,7 +342,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
           f"true parameters in {truth_path}", file=sys.stderr)
 
 
-# --- train / evaluate (owned by the core task) ----------------------------------------------------
+# --- train / evaluate -----------------------------------------------------------------------------
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .config import ModelConfig, TrainConfig

@@ -879,8 +879,8 @@ def _hand_back_large_blocks() -> None:
 
     glibc's default raises that threshold to the largest block freed so far; the conversion's blocks then
     come from the heap, whose fragments kept the process growing with the number of blocks (`python
-    benchmarks/bench_read.py --streamed --cells 20000|80000`: peak RSS growth 186 and 289 MiB without this,
-    156 and 188 MiB with it). Process-wide; no effect elsewhere (and none after
+    benchmarks/bench_read.py --streamed --cells 20000|80000` measures the peak RSS growth; figures in
+    docs/data.md). Process-wide; no effect elsewhere (and none after
     training.reuse_freed_memory, which turns mmap off: not done in the same process).
     """
     import ctypes

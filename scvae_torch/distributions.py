@@ -1,7 +1,7 @@
 """Count log-likelihoods in log space: Poisson, NB, ZIP, ZINB.
 
 One implementation, used by training and evaluation alike.  Every parameter
-arrives in log / logit space (DESIGN.md): ``log_mean`` (all four), ``log_theta``
+arrives in log / logit space (docs/models.md): ``log_mean`` (all four), ``log_theta``
 (NB inverse dispersion; per gene ``[genes]`` or per cell and gene) and
 ``logit_pi`` (zero-inflation probability).  No probability is formed and
 exponentiated back: log p is built from softplus / logaddexp / lgamma terms.

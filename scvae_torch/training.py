@@ -61,7 +61,7 @@ def reuse_freed_memory() -> None:
     Each minibatch allocates and frees dozens of cells x genes tensors (14 MB each for 128 cells of the
     MB-20k shape). glibc serves blocks that large with fresh mmap() pages and unmaps them on free, so every
     new tensor page-faults all its pages in again (benchmarks/bench_step.py: 6,800 faults per NB minibatch,
-    62 instead of 52 ms).
+    a slower step; `python benchmarks/bench_step.py` measures it).
     No effect where the C library is not glibc. Process-wide; peak memory is unchanged (measured).
     """
     try:
@@ -282,9 +282,9 @@ def compile_model(model: VAE, device: torch.device) -> bool:
     """torch.compile the likelihood's dense x = 0 part (distributions.dense_zero_part: a dozen element-wise passes
     over cells x genes fused into one loop) for this model; False, logged, where it cannot.
 
-    Only that part: compiling the MLPs and the decoder as well made a CPU step slower (NB 64.5 ms against 52.2
-    eager and 54.9 with this part alone, which is within the machine's run-to-run noise of eager;
-    benchmarks/bench_step.py --compile, part 1). On a GPU, where element-wise passes are memory-bound, the
+    Only that part: compiling the MLPs and the decoder as well made a CPU step slower, and this part alone
+    gains nothing beyond the machine's run-to-run noise on a CPU (benchmarks/bench_step.py --compile, part 1;
+    figures in docs/performance.md). On a GPU, where element-wise passes are memory-bound, the
     fusion should pay more (not yet measured).
     """
     from .distributions import dense_zero_part

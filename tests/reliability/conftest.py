@@ -1,5 +1,5 @@
 """The reliability suite's summary line: passed cases counted by kind (faults survived, bad inputs refused,
-fuzz examples tried, guarantees held), printed at the end of the run and quoted in the README."""
+fuzz examples tried, guarantees held), printed at the end of the run and quoted in docs/reliability.md."""
 
 from __future__ import annotations
 
