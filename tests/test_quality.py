@@ -68,3 +68,44 @@ def _big():
     if "data" not in _BIG:
         _BIG["data"] = simulate.single_cell(n_cells=20000, n_genes=2000, n_types=6, seed=1)
     return _BIG["data"]
+
+
+# ---- the SCVAE defaults (no learning rate, epoch or pre-training option) on data they were not tuned on ----
+
+def _adata(sim):
+    import anndata as ad
+    import scipy.sparse as sp
+
+    adata = ad.AnnData(sp.csr_matrix(sim.X, dtype=np.float32))
+    adata.obs_names = [f"cell{i}" for i in range(adata.n_obs)]
+    adata.var_names = [f"gene{j}" for j in range(adata.n_vars)]
+    return adata
+
+
+def test_defaults_vae_poisson_recovers_rates_and_the_true_likelihood():
+    """The review's check data with defaults only: rates 1..10 within 5 %, test ELBO within 3 % of the true
+    mean log p(x) of the test cells (scipy's Poisson log-pmf at the true rates)."""
+    from scipy.stats import poisson
+
+    from scvae_torch import SCVAE
+
+    data = simulate.poisson_check(seed=0)
+    model = SCVAE(_adata(data), likelihood="poisson", encoder=[16], decoder=[16], latent=3)
+    model.train(train_size=0.81, validation_size=0.09, seed=0)
+    test = model.test_indices
+    learned = model.get_normalized_expression(indices=test, library_size=None).mean(0)
+    np.testing.assert_allclose(learned, data.truth["rates"], rtol=0.05)
+    X = data.X[test].toarray() if hasattr(data.X, "toarray") else data.X[test]
+    true_ll = poisson.logpmf(X, np.asarray(data.truth["rates"])[None, :]).sum(1).mean()
+    assert abs(model.get_elbo(indices=test) - true_ll) <= 0.03 * abs(true_ll)
+
+
+def test_defaults_gmvae_clusters_the_simulated_cell_types():
+    """A 6-type simulated single-cell set, GMVAE with K = 6 and defaults only: ARI >= 0.9 on the test cells."""
+    from scvae_torch import SCVAE
+
+    data = simulate.single_cell(n_cells=3000, n_genes=1000, n_types=6, seed=3)
+    model = SCVAE(_adata(data), model="gmvae", components=6, encoder=[64, 32], decoder=[32, 64], latent=5)
+    model.train(train_size=0.81, validation_size=0.09, seed=0)
+    test = model.test_indices
+    assert cluster_scores(data.labels[test], model.predict_clusters(indices=test))["ari"] >= 0.9
