@@ -16,6 +16,7 @@ with K = number of cell lines. Prints the table (mean and sd over seeds) and wri
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -48,7 +49,7 @@ def load(folder: str | Path, name: str, top: int = 2000):
 
 
 def run_methods(adata, seed: int, threads: int = 1, methods: tuple[str, ...] = ("gmvae+batch", "gmvae", "pca"),
-                **model_options) -> dict[str, dict]:
+                max_epochs: int | None = None, **model_options) -> dict[str, dict]:
     """Scores (and embeddings) of each method on one data set and seed: {method: {"scores", "Z", "seconds"}}."""
     import torch
 
@@ -66,7 +67,7 @@ def run_methods(adata, seed: int, threads: int = 1, methods: tuple[str, ...] = (
         else:
             model = SCVAE(adata, model="gmvae", components=k, batch_key="batch" if method.endswith("+batch") else None,
                           **model_options)
-            model.train(seed=seed, threads=threads)
+            model.train(seed=seed, threads=threads, max_epochs=max_epochs)
             Z, clusters = model.get_latent_representation(), model.predict_clusters()
         scores = integration_scores(Z, labels, batch, clusters, seed=seed)
         out[method] = {"scores": scores, "Z": Z, "seconds": time.perf_counter() - t0}
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--top-genes", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-epochs", type=int, default=None, help="cap on epochs (default: SCVAE's)")
+    parser.add_argument("--options", default="{}", help="model options as JSON, e.g. '{\"library_size\": true}'")
     parser.add_argument("--out", help="write the per-seed table here (TSV)")
     args = parser.parse_args(argv)
     if not args.data:
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.datasets:
         adata = load(args.data, name, args.top_genes)
         for seed in args.seeds:
-            for method, result in run_methods(adata, seed, args.threads).items():
+            for method, result in run_methods(adata, seed, args.threads, max_epochs=args.max_epochs,
+                                              **json.loads(args.options)).items():
                 rows.append({"dataset": name, "method": method, "seed": seed, **result["scores"],
                              "seconds": round(result["seconds"], 1)})
                 print(f"{name}\t{method}\tseed {seed}\t" + "\t".join(f"{k} {v:.3f}" for k, v in result["scores"].items()),

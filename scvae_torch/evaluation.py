@@ -94,7 +94,7 @@ def observed_feature_means(X: CountSource, rows: np.ndarray, batch_size: int | N
     from .distributions import sparse_entries
 
     total = torch.zeros(X.shape[1], dtype=torch.float64)
-    for x in _batches(X, rows, "cpu", batch_size):  # a Source keeps its own device: the sums come to the CPU
+    for x, _ in _batches(X, rows, "cpu", batch_size):  # a Source keeps its own device: the sums come to the CPU
         _, _, cols, values = sparse_entries(x)
         total.index_add_(0, cols.cpu(), values.double().cpu())
     return (total / max(len(rows), 1)).numpy()

@@ -212,7 +212,7 @@ def test_cli_batch_train_evaluate_and_refusals(tmp_path):
     _cli("simulate", "single-cell", "--cells", 300, "--genes", 50, "--types", 2, "--batches", 3, "--out", data)
     assert set(ad.read_h5ad(data).obs["batch"]) == {"batch0", "batch1", "batch2"}
     common = ["--model", "gmvae", "--components", 2, "--latent", 3, "--encoder", 16, "--decoder", 16,
-              "--threads", 1, "--batch"]
+              "--threads", 1, "--pretrain-epochs", 1, "--batch"]
     _cli("train", "--data", data, "--out", tmp_path / "run", "--epochs", 2, *common)
     _cli("train", "--data", data, "--out", tmp_path / "run", "--epochs", 4, *common)  # resumed with the covariate
     streamed = _cli("train", "--data", data, "--out", tmp_path / "stream", "--epochs", 2, "--stream", "on",
