@@ -351,6 +351,51 @@ def read_annotations(path: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarr
     return cells, labels, genes
 
 
+BATCH_COLUMN = "batch"  # obs column of the canonical file holding the batch covariate
+
+
+def batch_column(values, where: str) -> np.ndarray:
+    """A batch column (pandas Series / array) as strings; cells without a batch are a SourceError naming `where`."""
+    import pandas as pd
+
+    column = pd.Series(np.asarray(values, dtype=object))
+    missing = int(column.isna().sum() + (column.astype(str).str.strip().isin(["", "nan", "NaN", "None"])
+                                         & column.notna()).sum())
+    if missing:
+        raise SourceError(f"{where}: {missing} cells without a batch (missing values); give every cell one, or "
+                          "drop those cells")
+    return column.astype(str).to_numpy()
+
+
+def batch_codes(names: np.ndarray, categories: list[str], where: str) -> np.ndarray:
+    """Integer codes (positions in `categories`) of batch names; a batch the model does not know is a SourceError."""
+    lookup = {name: code for code, name in enumerate(categories)}
+    unseen = sorted(set(np.unique(names).tolist()) - set(lookup))
+    if unseen:
+        raise SourceError(f"{where}: batch(es) {', '.join(map(repr, unseen[:5]))} not seen in training (the model "
+                          f"knows {', '.join(map(repr, categories))})")
+    return np.fromiter((lookup[n] for n in names), dtype=np.int64, count=len(names))
+
+
+def read_batches(path: str, column: str = BATCH_COLUMN) -> np.ndarray:
+    """obs[column] of an h5ad file as strings (one per cell), without reading X; a missing column or a cell
+    without a batch is a SourceError."""
+    import anndata
+
+    try:
+        adata = anndata.read_h5ad(path, backed="r")
+    except Exception as err:  # h5py/anndata raise OSError, KeyError, ... for damaged files
+        raise SourceError(f"{path}: not a readable h5ad file ({type(err).__name__}: {err})") from None
+    try:
+        if column not in adata.obs:
+            raise SourceError(f"{path}: no obs[{column!r}] column; the model needs each cell's batch "
+                              "(prepare --batch COLUMN writes it)")
+        values = adata.obs[column].to_numpy(dtype=object)
+    finally:
+        adata.file.close()
+    return batch_column(values, f"{path}: obs[{column!r}]")
+
+
 def load_counts(path: str) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None, np.ndarray]:
     """X (compact where the counts allow: `load_compact`), cell ids, labels and gene names of a canonical h5ad;
     through the ordinary reader, with its checks and messages, where compact loading does not apply."""

@@ -114,6 +114,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", metavar="COLUMN", default=None,
                    help="cell labels: an obs column (h5ad) or a column of NAME.cells.tsv (mtx), e.g. cell_type; "
                         "stored as obs['label']")
+    p.add_argument("--batch", metavar="COLUMN", default=None,
+                   help="each cell's batch (donor, plate, platform ...): an obs column (h5ad) or a column of "
+                        "NAME.cells.tsv (mtx); stored as obs['batch'] for `train --batch`; a cell without one is "
+                        "an error")
     p.add_argument("--round", dest="round_counts", action="store_true",
                    help="round non-integer values to the nearest integer (logged as a warning) instead of failing")
     p.add_argument("--min-counts-cell", type=_non_negative_int, default=0, metavar="N",
@@ -153,7 +157,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
         counts = prepare_input(args.input, args.format, stream=args.stream, stream_above_gb=args.stream_above_gb,
                                genome=args.genome, layer=args.layer, use_raw=args.use_raw, labels=args.labels,
                                round_counts=args.round_counts, min_counts_cell=args.min_counts_cell,
-                               min_counts_gene=args.min_counts_gene, top_genes=args.top_genes)
+                               min_counts_gene=args.min_counts_gene, top_genes=args.top_genes, batch=args.batch)
         split = (make_split(counts.cells, getattr(counts, "labels", None), args.split_fractions, seed=args.split_seed,
                             stratify=args.stratify) if args.split else None)
         if split is not None:
@@ -233,7 +237,7 @@ _SIM_KINDS = ("poisson-check", "gmvae-mixture", "single-cell")
 # mirrors the defaults of scvae_torch.simulate (tests/test_simulate.py checks they agree), so --help stays fast
 _SIM_DEFAULTS = {"poisson-check": {"cells": 2000, "genes": 10},
                  "gmvae-mixture": {"cells": 10000, "genes": 10, "types": 5},
-                 "single-cell": {"cells": 5000, "genes": 2000, "types": 6, "sparsity": 0.9}}
+                 "single-cell": {"cells": 5000, "genes": 2000, "types": 6, "sparsity": 0.9, "batches": 1}}
 
 
 def _positive_int(text: str) -> int:
@@ -282,6 +286,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                         f"{d['single-cell']['types']}); not used by poisson-check")
     p.add_argument("--sparsity", type=_open_fraction, metavar="S", default=argparse.SUPPRESS,
                    help=f"single-cell only: expected fraction of zero counts (default: {d['single-cell']['sparsity']})")
+    p.add_argument("--batches", type=_positive_int, metavar="B", default=argparse.SUPPRESS,
+                   help="single-cell only: batches with a known per-gene batch effect, in obs['batch'] (batch0 is "
+                        f"the batch-free reference; default: {d['single-cell']['batches']}, none)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; the same seed gives the same file")
     p.set_defaults(func=_cmd_simulate)
 
@@ -309,7 +316,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     from . import simulate
     from .data import Counts, write_canonical
 
-    given = {k: getattr(args, k) for k in ("cells", "genes", "types", "sparsity") if hasattr(args, k)}
+    given = {k: getattr(args, k) for k in ("cells", "genes", "types", "sparsity", "batches") if hasattr(args, k)}
     unused = sorted(set(given) - set(_SIM_DEFAULTS[args.kind]))
     if unused:
         raise UsageError(f"{args.kind} does not use " + ", ".join(f"--{k}" for k in unused))
@@ -324,7 +331,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
             sim = simulate.gmvae_mixture(options["cells"], options["genes"], options["types"], seed=args.seed)
         else:
             sim = simulate.single_cell(options["cells"], options["genes"], options["types"], seed=args.seed,
-                                       sparsity=options["sparsity"])
+                                       sparsity=options["sparsity"], batches=options["batches"])
     except ValueError as err:  # the generators' checks on sizes that do not fit together
         raise UsageError(str(err)) from None
     n_cells, n_genes = sim.X.shape
@@ -334,7 +341,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     truth_path = args.out + ".truth.json"
     try:
         _write_json_atomic({"kind": args.kind, "seed": args.seed, **options, "truth": sim.truth_json()}, truth_path)
-        write_canonical(Counts(sim.X, genes, cells, sim.labels), args.out)
+        write_canonical(Counts(sim.X, genes, cells, sim.labels, batch=sim.batch), args.out)
     except OSError as err:
         raise UsageError(f"cannot write {err.filename or args.out}: {err.strerror or err}") from None
     zeros = 100.0 * (1.0 - sim.X.nnz / (n_cells * n_genes))
@@ -359,7 +366,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decoder", type=_int_list, default=m.decoder, help="decoder hidden layer sizes, e.g. 250,100")
     p.add_argument("--latent", type=int, default=m.latent, help="latent dimension")
     p.add_argument("--components", type=int, default=m.components, help="mixture components K (GMVAE)")
-    p.add_argument("--dispersion", default=m.dispersion, help="NB dispersion: gene (one per gene) or gene-cell (decoder output)")
+    p.add_argument("--dispersion", default=m.dispersion,
+                   help="NB dispersion: gene (one per gene), gene-batch (per gene and batch; needs --batch) or "
+                        "gene-cell (decoder output)")
+    p.add_argument("--batch", action="store_true",
+                   help="condition the model on the batch in the file's obs['batch'] (batch correction; "
+                        "`prepare --batch COLUMN` writes it)")
+    p.add_argument("--batch-encoder", action="store_true", default=m.batch_encoder,
+                   help="with --batch: the encoders see the batch too (the decoder always does)")
     p.add_argument("--dropout", type=float, default=m.dropout, help="dropout rate on hidden layers")
     p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false", help="turn off batch norm on hidden layers")
     p.add_argument("--raw-input", dest="log1p_input", action="store_false", default=m.log1p_input,
@@ -404,7 +418,11 @@ def _model_train_configs(args: argparse.Namespace) -> tuple[dict, "object"]:
 
     model = {k: getattr(args, k) for k in ("model", "likelihood", "encoder", "decoder", "latent", "components",
                                            "dispersion", "dropout", "batch_norm", "log1p_input", "library_size",
-                                           "y_regularisation", "free_nats")}
+                                           "y_regularisation", "free_nats", "batch_encoder")}
+    if args.batch_encoder and not args.batch:
+        raise UsageError("--batch-encoder needs --batch")
+    if args.dispersion == "gene-batch" and not args.batch:
+        raise UsageError("--dispersion gene-batch needs --batch")
     try:
         train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             weight_decay=args.weight_decay, kl_warmup=args.kl_warmup, seed=args.seed,
@@ -412,7 +430,7 @@ def _model_train_configs(args: argparse.Namespace) -> tuple[dict, "object"]:
                             pretrain_epochs=args.pretrain_epochs, early_stopping=args.early_stopping,
                             patience=args.patience, threads=args.threads, precision=args.precision,
                             compile=args.compile, stream=args.stream, stream_above_gb=args.stream_above_gb)
-        cfg = ModelConfig(n_features=1, **model)  # validate before any data is read
+        cfg = ModelConfig(n_features=1, **model, batches=["a"] if args.batch else [])  # checked before reading
     except ValueError as err:
         raise UsageError(str(err)) from None
     from .provenance import inapplicable_options
@@ -435,7 +453,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     # One line per epoch on stderr where no progress bar is drawn (sbatch, nohup, a redirect), else the bar;
     # warnings (no validation cells, a gene order put right) as one line each either way.
     with _StderrLog("train", level=30 if sys.stderr.isatty() else 20):
-        metrics = train_dataset(args.data, args.out, model, train, split_path=args.split)
+        metrics = train_dataset(args.data, args.out, model, train, split_path=args.split, batch=args.batch)
     chosen = "training" if metrics.get("best_chosen_on") == "train" else "validation"
     print(f"trained {metrics['model']}-{metrics['likelihood']} for {metrics['epochs_trained']} epochs on "
           f"{metrics['device_name']}: best {chosen} ELBO {metrics['best_val_elbo']:.4f} "

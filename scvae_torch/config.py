@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 LIKELIHOODS: tuple[str, ...] = ("poisson", "nb", "zip", "zinb")
 MODELS: tuple[str, ...] = ("vae", "gmvae")
-DISPERSIONS: tuple[str, ...] = ("gene", "gene-cell")
+DISPERSIONS: tuple[str, ...] = ("gene", "gene-cell", "gene-batch")
 Y_REGULARISATIONS: tuple[str, ...] = ("kl", "none", "supervised")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
@@ -46,10 +46,13 @@ class ModelConfig:
     library_size: bool = False
     y_regularisation: str = "kl"
     free_nats: float = 0.0
+    batches: list[str] = field(default_factory=list)  # batch covariate's categories (code = position); [] = none
+    batch_encoder: bool = False  # the encoders see the batch too (the decoder always does when there is one)
 
     def __post_init__(self) -> None:
         self.encoder = [int(s) for s in self.encoder]
         self.decoder = [int(s) for s in self.decoder]
+        self.batches = [str(b) for b in self.batches]
         checks = [
             (self.model in MODELS, f"unknown model {self.model!r} (choose from {', '.join(MODELS)})"),
             (self.likelihood in LIKELIHOODS,
@@ -65,8 +68,16 @@ class ModelConfig:
             (self.free_nats >= 0.0, f"free_nats must be >= 0, got {self.free_nats}"),
             (self.model != "gmvae" or self.components >= 1, f"components must be >= 1, got {self.components}"),
             (self.model != "gmvae" or len(self.encoder) >= 1, "a GMVAE needs at least one encoder layer"),
+            (len(set(self.batches)) == len(self.batches), "batch categories must be distinct"),
+            (self.dispersion != "gene-batch" or self.batches,
+             "dispersion 'gene-batch' needs a batch covariate (batch_key / --batch)"),
         ]
         _refuse_failed(checks)
+
+    @property
+    def n_batches(self) -> int:
+        """Number of categories of the batch covariate (0: the model has none)."""
+        return len(self.batches)
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":

@@ -49,6 +49,8 @@ class Counts:
     gene_ids: np.ndarray | None = None  # e.g. Ensembl IDs when `genes` holds symbols
     gene_deviance: np.ndarray | None = None  # binomial deviance per gene, when genes were selected by it
     selection: dict | None = None  # how genes were selected; the canonical file's uns['scvae_prepare']
+    batch: np.ndarray | None = None  # each cell's batch (the canonical file's obs['batch']), when given
+    obs: pd.DataFrame | None = None  # every column of a cells table (NAME.cells.tsv), as read; not written
 
 
 def _error(path: str | os.PathLike, problem: str) -> DataError:
@@ -339,12 +341,12 @@ def _read_h5ad_matrix(element, path: str, what: str) -> tuple[sp.csr_matrix, boo
     return X_t.T.tocsr(), integer_source
 
 
-def _h5ad_labels(obs_group: h5py.Group, column: str, path: str) -> np.ndarray:
+def _h5ad_labels(obs_group: h5py.Group, column: str, path: str, what: str = "labels") -> np.ndarray:
     """The values of one obs column of an h5ad file."""
     if column not in obs_group or column == obs_group.attrs.get("_index"):
         names = [c for c in obs_group.attrs.get("column-order", []) if isinstance(c, str)] or \
                 [c for c in obs_group if c != obs_group.attrs.get("_index") and c != "__categories"]
-        raise _error(path, f"no obs column {column!r} for labels; obs columns: {', '.join(names) or 'none'}")
+        raise _error(path, f"no obs column {column!r} for {what}; obs columns: {', '.join(names) or 'none'}")
     values = _read_elem(obs_group[column], path, f"obs column {column!r}")
     if isinstance(values, pd.Categorical):
         values = np.asarray(values.astype(object))
@@ -352,8 +354,8 @@ def _h5ad_labels(obs_group: h5py.Group, column: str, path: str) -> np.ndarray:
 
 
 def read_h5ad(path: str, layer: str | None = None, use_raw: bool = False, labels: str | None = None,
-              round_counts: bool = False) -> Counts:
-    """Read counts from an AnnData .h5ad: X, a named layer, or raw.X; labels from an obs column."""
+              round_counts: bool = False, batch: str | None = None) -> Counts:
+    """Read counts from an AnnData .h5ad: X, a named layer, or raw.X; labels and the batch from obs columns."""
     path = os.fspath(path)
     if layer is not None and use_raw:
         raise _error(path, "choose either a layer or raw.X, not both")
@@ -383,10 +385,14 @@ def read_h5ad(path: str, layer: str | None = None, use_raw: bool = False, labels
         genes = _read_elem(var_group[var_group.attrs["_index"]], path, "var names")
         gene_ids = _read_elem(var_group["gene_ids"], path, "var['gene_ids']") if "gene_ids" in var_group else None
         label_values = _h5ad_labels(obs, labels, path) if labels is not None else None
+        batch_values = None if batch is None else _batch_values(_h5ad_labels(obs, batch, path, "the batch"), path,
+                                                                f"obs {batch!r}")
         X, integer_source = _read_h5ad_matrix(element, path, what)
     try:
-        return _finish(path, X, genes, cells, label_values, gene_ids, integer_source=integer_source,
-                       round_counts=round_counts)
+        counts = _finish(path, X, genes, cells, label_values, gene_ids, integer_source=integer_source,
+                         round_counts=round_counts)
+        counts.batch = batch_values
+        return counts
     except DataError as err:
         if layer is not None or use_raw:
             raise
@@ -530,12 +536,15 @@ def _mmread(path: Path, fmt: str) -> sp.spmatrix | np.ndarray:
     return sp.coo_matrix((body[:, 2], (i.astype(np.int64) - 1, j.astype(np.int64) - 1)), shape=(rows, cols))
 
 
-def read_mtx(path: str, labels: str | None = None, round_counts: bool = False) -> Counts:
-    """Read Matrix Market counts: a 10x MEX folder, or NAME.counts.mtx[.gz] + NAME.genes.tsv + NAME.cells.tsv."""
+def read_mtx(path: str, labels: str | None = None, round_counts: bool = False, batch: str | None = None) -> Counts:
+    """Read Matrix Market counts: a 10x MEX folder, or NAME.counts.mtx[.gz] + NAME.genes.tsv + NAME.cells.tsv.
+
+    labels / batch: columns of NAME.cells.tsv with each cell's type / batch; the whole table is in `.obs`."""
     path = os.fspath(path)
     matrix_path, genes_path, cells_path, layout = _mtx_files(path)
-    if layout == "10x" and labels is not None:
-        raise _error(path, "a 10x MEX folder has no label column; labels need NAME.cells.tsv with a header, or an h5ad")
+    if layout == "10x" and (labels is not None or batch is not None):
+        what = "label" if labels is not None else "batch"
+        raise _error(path, f"a 10x MEX folder has no {what} column; it needs NAME.cells.tsv with a header, or an h5ad")
     feats = _read_table(genes_path, header=False)
     genes = feats.iloc[:, 1].to_numpy() if feats.shape[1] > 1 else feats.iloc[:, 0].to_numpy()
     gene_ids = feats.iloc[:, 0].to_numpy() if feats.shape[1] > 1 else None
@@ -553,6 +562,12 @@ def read_mtx(path: str, labels: str | None = None, round_counts: bool = False) -
         label_values = cell_table[labels].to_numpy()
         if (label_values == "").any():
             raise _error(cells_path, f"{int((label_values == '').sum())} empty values in label column {labels!r}")
+    batch_values = None
+    if batch is not None:
+        if batch not in cell_table.columns[1:]:
+            raise _error(cells_path, f"no column {batch!r} for the batch; columns: "
+                                     f"{', '.join(map(str, cell_table.columns))}")
+        batch_values = _batch_values(cell_table[batch], cells_path, batch)
     try:
         _, _, _, fmt, field, _ = scipy.io.mminfo(matrix_path)
         if field in ("pattern", "complex"):
@@ -583,8 +598,22 @@ def read_mtx(path: str, labels: str | None = None, round_counts: bool = False) -
             raise _error(genes_path, f"no '{GENE_EXPRESSION}' features (feature types: {', '.join(sorted(set(types)))})")
         X, genes, gene_ids = _keep_features(X, types == GENE_EXPRESSION, genes, gene_ids, path,
                                             f"feature_type '{GENE_EXPRESSION}'")
-    return _finish(str(matrix_path), X, genes, cells, label_values, gene_ids,
-                   integer_source=integer_source, round_counts=round_counts)
+    counts = _finish(str(matrix_path), X, genes, cells, label_values, gene_ids,
+                     integer_source=integer_source, round_counts=round_counts)
+    counts.batch = batch_values
+    if layout == "named":
+        counts.obs = cell_table.set_index(cell_table.columns[0])
+    return counts
+
+
+def _batch_values(values, path: str | os.PathLike, column: str) -> np.ndarray:
+    """A batch column as strings; a cell without one is a DataError naming the file and column."""
+    from .batches import SourceError, batch_column
+
+    try:
+        return batch_column(values, f"{path}: column {column!r}")
+    except SourceError as err:
+        raise DataError(str(err)) from None
 
 
 def detect_format(path: str) -> str:
@@ -609,9 +638,11 @@ def detect_format(path: str) -> str:
 
 def read_counts(path: str, format: str = "auto", *, genome: str | None = None, layer: str | None = None,
                 use_raw: bool = False, labels: str | None = None, round_counts: bool = False,
-                min_counts_cell: int = 0, min_counts_gene: int = 0, top_genes: int | None = None) -> Counts:
+                min_counts_cell: int = 0, min_counts_gene: int = 0, top_genes: int | None = None,
+                batch: str | None = None) -> Counts:
     """Read and validate counts in any supported format, drop cells/genes below the count thresholds, then keep
-    the top_genes genes of highest binomial deviance (all when None)."""
+    the top_genes genes of highest binomial deviance (all when None). batch: the column (h5ad obs, or the
+    cells table of the MTX layout) with each cell's batch, kept as `Counts.batch`."""
     path = os.fspath(path)
     if format not in FORMATS:
         raise _error(path, f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -619,15 +650,16 @@ def read_counts(path: str, format: str = "auto", *, genome: str | None = None, l
     misplaced = [opt for opt, given, fits in (("--genome", genome is not None, fmt == "10x-h5"),
                                                 ("--layer", layer is not None, fmt == "h5ad"),
                                                 ("--use-raw", use_raw, fmt == "h5ad"),
-                                                ("--labels", labels is not None, fmt != "10x-h5")) if given and not fits]
+                                                ("--labels", labels is not None, fmt != "10x-h5"),
+                                                ("--batch", batch is not None, fmt != "10x-h5")) if given and not fits]
     if misplaced:
         raise _error(path, f"{' and '.join(misplaced)} do not apply to the {fmt} format")
     if fmt == "10x-h5":
         counts = read_10x_h5(path, genome=genome, round_counts=round_counts)
     elif fmt == "h5ad":
-        counts = read_h5ad(path, layer=layer, use_raw=use_raw, labels=labels, round_counts=round_counts)
+        counts = read_h5ad(path, layer=layer, use_raw=use_raw, labels=labels, round_counts=round_counts, batch=batch)
     else:
-        counts = read_mtx(path, labels=labels, round_counts=round_counts)
+        counts = read_mtx(path, labels=labels, round_counts=round_counts, batch=batch)
     log.info("%s: read %d cells x %d genes (%s)", path, counts.X.shape[0], counts.X.shape[1], fmt)
     if min_counts_cell or min_counts_gene:
         counts = filter_counts(counts, min_counts_cell, min_counts_gene, source=path)
@@ -639,10 +671,12 @@ def read_counts(path: str, format: str = "auto", *, genome: str | None = None, l
 def filter_counts(counts: Counts, min_counts_cell: int = 0, min_counts_gene: int = 0, source: str = "") -> Counts:
     """Drop cells, then genes, whose total count is below the given minimum; logs what was dropped."""
     X, cells, genes, labels, gene_ids = counts.X, counts.cells, counts.genes, counts.labels, counts.gene_ids
+    batch = counts.batch
     keep = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel() >= min_counts_cell
     if not keep.all():
         X, cells = X[keep], cells[keep]
         labels = None if labels is None else labels[keep]
+        batch = None if batch is None else batch[keep]
     _report_dropped(source, "cells", keep, min_counts_cell)
     keep = np.asarray(X.sum(axis=0, dtype=np.float64)).ravel() >= min_counts_gene
     if not keep.all():
@@ -651,7 +685,7 @@ def filter_counts(counts: Counts, min_counts_cell: int = 0, min_counts_gene: int
         gene_ids = None if gene_ids is None else gene_ids[cols]
     _report_dropped(source, "genes", keep, min_counts_gene)
     _check_left(source, X.shape[0], X.shape[1], min_counts_cell, min_counts_gene)
-    return Counts(X=X, genes=genes, cells=cells, labels=labels, gene_ids=gene_ids)
+    return Counts(X=X, genes=genes, cells=cells, labels=labels, gene_ids=gene_ids, batch=batch)
 
 
 def select_genes(counts: Counts, n: int, source: str = "") -> Counts:
@@ -676,7 +710,7 @@ def select_genes(counts: Counts, n: int, source: str = "") -> Counts:
     keep = _genes.rank_top(deviance, n)
     _report_selection(source, n, deviance.size)
     X = counts.X if keep.size == deviance.size else counts.X[:, keep]
-    return Counts(X=X, genes=counts.genes[keep], cells=counts.cells, labels=counts.labels,
+    return Counts(X=X, genes=counts.genes[keep], cells=counts.cells, labels=counts.labels, batch=counts.batch,
                   gene_ids=None if counts.gene_ids is None else counts.gene_ids[keep], gene_deviance=deviance[keep],
                   selection=_selection_record(n, deviance.size))
 
@@ -782,8 +816,8 @@ def _check_space(path: str, nbytes: int) -> None:
                                     f"{free / 1e6:.1f} MB free)", os.fspath(path))
 
 
-def _obs_var(path: str, cells, genes, labels=None, gene_ids=None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The canonical file's obs (cell ids, 'label') and var (unique gene names, 'gene_ids') tables."""
+def _obs_var(path: str, cells, genes, labels=None, gene_ids=None, batch=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The canonical file's obs (cell ids, 'label', 'batch') and var (unique gene names, 'gene_ids') tables."""
     from anndata.utils import make_index_unique
 
     obs = pd.DataFrame(index=pd.Index(np.asarray(cells, dtype=str).astype(object)))
@@ -795,6 +829,8 @@ def _obs_var(path: str, cells, genes, labels=None, gene_ids=None) -> tuple[pd.Da
     var = pd.DataFrame(index=genes)
     if labels is not None:
         obs["label"] = pd.Categorical(np.asarray(labels, dtype=str).astype(object))
+    if batch is not None:
+        obs["batch"] = pd.Categorical(np.asarray(batch, dtype=str).astype(object))
     if gene_ids is not None:
         var["gene_ids"] = np.asarray(gene_ids, dtype=str).astype(object)
     return obs, var
@@ -821,7 +857,7 @@ def write_canonical(counts: Counts, path: str) -> None:
         X = X.astype(np.float32)
     names = _names_bytes(counts.cells, counts.genes)
     _check_space(path, int(1.05 * (X.data.nbytes + X.indices.nbytes + X.indptr.nbytes + names)) + (1 << 20))
-    obs, var = _obs_var(path, counts.cells, counts.genes, counts.labels, counts.gene_ids)
+    obs, var = _obs_var(path, counts.cells, counts.genes, counts.labels, counts.gene_ids, counts.batch)
     uns = _selection_annotations(var, counts.gene_deviance, counts.selection)
     adata = anndata.AnnData(X=X, obs=obs, var=var, uns=uns)
     with _atomic_path(path, suffix=".h5ad") as tmp:
@@ -1055,7 +1091,7 @@ def prepare_input(path: str, format: str = "auto", *, stream: str = "auto", stre
                   genome: str | None = None, layer: str | None = None, use_raw: bool = False,
                   labels: str | None = None, round_counts: bool = False, min_counts_cell: int = 0,
                   min_counts_gene: int = 0, block_nonzeros: int = STREAM_BLOCK_NONZEROS,
-                  top_genes: int | None = None) -> Counts | StreamedPlan:
+                  top_genes: int | None = None, batch: str | None = None) -> Counts | StreamedPlan:
     """Read and check counts for `prepare`, writing nothing: in memory (Counts), or for a 10x HDF5 file with
     stream 'on' (or 'auto' and more than stream_above_gb GiB in memory) the first pass of the block-by-block
     conversion (StreamedPlan). Either has .cells and goes to write_prepared. top_genes: keep that many genes of
@@ -1068,14 +1104,14 @@ def prepare_input(path: str, format: str = "auto", *, stream: str = "auto", stre
     fmt = detect_format(path) if format == "auto" and os.path.exists(path) else format
     if stream == "on" and fmt != "10x-h5":
         raise _error(path, f"block-by-block conversion (stream on) reads 10x HDF5 files only, not {fmt}")
-    if fmt == "10x-h5" and labels is None and (
+    if fmt == "10x-h5" and labels is None and batch is None and (
             stream == "on" or (stream == "auto" and _10x_bytes_in_memory(path, genome) > stream_above_gb * 2 ** 30)):
         log.info("%s: converting block by block (stream %s)", path, stream)
         return plan_10x_streamed(path, genome=genome, round_counts=round_counts, min_counts_cell=min_counts_cell,
                                  min_counts_gene=min_counts_gene, block_nonzeros=block_nonzeros, top_genes=top_genes)
     return read_counts(path, fmt, genome=genome, layer=layer, use_raw=use_raw, labels=labels,
                        round_counts=round_counts, min_counts_cell=min_counts_cell, min_counts_gene=min_counts_gene,
-                       top_genes=top_genes)
+                       top_genes=top_genes, batch=batch)
 
 
 def write_prepared(prepared: Counts | StreamedPlan, out: str) -> dict:

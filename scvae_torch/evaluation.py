@@ -10,7 +10,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .batches import Source, StreamSource, load_counts, open_source, read_annotations
+from .batches import (Source, StreamSource, batch_codes as to_batch_codes, load_counts, open_source,
+                      read_annotations, read_batches)
 from .config import TrainConfig
 from . import provenance
 from .batches import SourceError
@@ -18,6 +19,7 @@ from .models import GMVAE, VAE
 from .training import (
     TrainingError,
     atomic_write_text,
+    batch_tensor,
     evaluate_terms,
     load_model,
     resolve_device,
@@ -28,53 +30,61 @@ from .training import (
 CountSource = sp.csr_matrix | Source  # the counts, in memory or read from the file minibatch by minibatch
 
 
-def _batches(X: CountSource, rows: np.ndarray, device: torch.device | str, batch_size: int | None):
-    """The given cells as sparse CSR count tensors on the device, batch_size at a time, in order (default: as
-    many as keep a dense cells x genes tensor under 2^23 values, at most 1024: 32 MB for 28,000 genes)."""
+def _batches(X: CountSource, rows: np.ndarray, device: torch.device | str, batch_size: int | None,
+             batch_codes: np.ndarray | None = None):
+    """The given cells as (sparse CSR count tensor, batch codes tensor or None) on the device, batch_size at a
+    time, in order (default: as many as keep a dense cells x genes tensor under 2^23 values, at most 1024: 32 MB
+    for 28,000 genes)."""
     batch_size = batch_size or max(1, min(1024, (1 << 23) // max(X.shape[1], 1)))
-    source = open_source(X, torch.device(device))
+    device = torch.device(device)
+    source = open_source(X, device)
     for s in range(0, len(rows), batch_size):
-        yield source.batch(np.asarray(rows[s:s + batch_size])).counts
+        part = np.asarray(rows[s:s + batch_size])
+        yield source.batch(part).counts, batch_tensor(batch_codes, part, device)
 
 
 @torch.no_grad()
 def _per_cell(encode, model: VAE, X: CountSource, rows: np.ndarray, device: torch.device | str,
-              batch_size: int | None, width: int) -> np.ndarray:
-    """Apply a per-cell function of the model to the given cells, in eval mode and in minibatches."""
+              batch_size: int | None, width: int, batch_codes: np.ndarray | None = None) -> np.ndarray:
+    """Apply a per-cell function of the model (of counts and batch codes) to the given cells, in eval mode and
+    in minibatches."""
     model.eval()
     # Written into one array made up front: a list of small per-batch results, each allocated between the
     # batches' large temporaries, fragmented the heap so much that memory grew with the number of cells.
     out = np.empty((len(rows), width), np.float32)
     start = 0
-    for x in _batches(X, rows, device, batch_size):
-        part = encode(x)
+    for x, b in _batches(X, rows, device, batch_size, batch_codes):
+        part = encode(x, b)
         out[start:start + part.shape[0]] = part.cpu().numpy()
         start += part.shape[0]
     return out
 
 
 def latent_means(model: VAE, X: CountSource, rows: np.ndarray, device: torch.device | str = "cpu",
-                 batch_size: int | None = None) -> np.ndarray:
-    """Latent representation (mean of q(z|x), mixed over q(y|x) for a GMVAE) of the given cells."""
-    return _per_cell(model.latent, model, X, rows, device, batch_size, model.cfg.latent)
+                 batch_size: int | None = None, batch_codes: np.ndarray | None = None) -> np.ndarray:
+    """Latent representation (mean of q(z|x), mixed over q(y|x) for a GMVAE) of the given cells.
+
+    batch_codes: each cell's batch code (one per row of X), for a model with a batch covariate."""
+    return _per_cell(model.latent, model, X, rows, device, batch_size, model.cfg.latent, batch_codes)
 
 
 def responsibilities(model: GMVAE, X: CountSource, rows: np.ndarray, device: torch.device | str = "cpu",
-                     batch_size: int | None = None) -> np.ndarray:
+                     batch_size: int | None = None, batch_codes: np.ndarray | None = None) -> np.ndarray:
     """q(y|x) of a GMVAE for the given cells, shape (cells, K)."""
-    return _per_cell(model.responsibilities, model, X, rows, device, batch_size, model.cfg.components)
+    return _per_cell(model.responsibilities, model, X, rows, device, batch_size, model.cfg.components,
+                     batch_codes)
 
 
 @torch.no_grad()
 def decoded_feature_means(model: VAE, X: CountSource, rows: np.ndarray, device: torch.device | str = "cpu",
-                          batch_size: int | None = None) -> np.ndarray:
+                          batch_size: int | None = None, batch_codes: np.ndarray | None = None) -> np.ndarray:
     """Mean over cells of the decoder's expected count per feature, decoded at each cell's latent mean."""
     from . import distributions as D
 
     model.eval()
     total = torch.zeros(X.shape[1], dtype=torch.float64)
-    for x in _batches(X, rows, device, batch_size):
-        params = model.decode(model.latent(x), x)
+    for x, b in _batches(X, rows, device, batch_size, batch_codes):
+        params = model.decode(model.latent(x, b), x, b)
         total += D.mean(model.cfg.likelihood, params).double().sum(0).cpu()
     return (total / max(len(rows), 1)).numpy()
 
@@ -84,7 +94,7 @@ def observed_feature_means(X: CountSource, rows: np.ndarray, batch_size: int | N
     from .distributions import sparse_entries
 
     total = torch.zeros(X.shape[1], dtype=torch.float64)
-    for x in _batches(X, rows, "cpu", batch_size):  # a Source keeps its own device: the sums come to the CPU
+    for x, _ in _batches(X, rows, "cpu", batch_size):  # a Source keeps its own device: the sums come to the CPU
         _, _, cols, values = sparse_entries(x)
         total.index_add_(0, cols.cpu(), values.double().cpu())
     return (total / max(len(rows), 1)).numpy()
@@ -116,10 +126,12 @@ def pca_kmeans_baseline(X: sp.csr_matrix, k: int, n_pcs: int = 50, seed: int = 0
 
 
 def evaluate_model(model: VAE, X: CountSource, rows: np.ndarray, iw_samples: int = 100, seed: int = 0,
-                   device: torch.device | str = "cpu", batch_size: int = 256) -> dict[str, float]:
+                   device: torch.device | str = "cpu", batch_size: int = 256,
+                   batch_codes: np.ndarray | None = None) -> dict[str, float]:
     """Mean test ELBO and its parts per cell, and the importance-weighted log-likelihood with iw_samples draws."""
     torch.manual_seed(seed)
-    terms = evaluate_terms(model, X, rows, torch.device(device), batch_size=batch_size, iw_samples=iw_samples)
+    terms = evaluate_terms(model, X, rows, torch.device(device), batch_size=batch_size, iw_samples=iw_samples,
+                           batch_codes=batch_codes)
     result = {k: terms[k] for k in ("elbo", "log_lik", "kl_z", "kl_y")}
     if iw_samples:
         result["iw_log_lik"] = terms["iw_log_lik"]
@@ -157,8 +169,11 @@ def evaluate_dataset(model_dir: str, data_path: str, metrics_path: str, latent_p
             X = select_genes(X, order)
         if order is not None:
             genes = genes[order]
+        codes = None
+        if model.cfg.n_batches:  # names -> the codes the model was trained with; an unseen batch is refused
+            codes = to_batch_codes(read_batches(data_path), model.cfg.batches, f"{data_path}: obs['batch']")
         return _evaluate(model, X, cells, labels, genes, model_dir, metrics_path, latent_path, split_path,
-                         iw_samples, seed, feature_means_path, dev)
+                         iw_samples, seed, feature_means_path, dev, codes)
     except SourceError as err:  # a streamed block that cannot be read or holds no counts
         raise TrainingError(f"{err}; nothing was written") from None
     finally:
@@ -168,7 +183,8 @@ def evaluate_dataset(model_dir: str, data_path: str, metrics_path: str, latent_p
 
 def _evaluate(model: VAE, X: CountSource, cells: np.ndarray, labels: np.ndarray | None, genes: np.ndarray,
               model_dir: str, metrics_path: str, latent_path: str, split_path: str | None, iw_samples: int,
-              seed: int, feature_means_path: str | None, dev: torch.device) -> dict:
+              seed: int, feature_means_path: str | None, dev: torch.device,
+              codes: np.ndarray | None = None) -> dict:
     """evaluate_dataset's work on counts already opened."""
     import anndata as ad
 
@@ -179,7 +195,8 @@ def _evaluate(model: VAE, X: CountSource, cells: np.ndarray, labels: np.ndarray 
     provenance.check_evaluation_split(model_dir, cells, subsets, str(split))  # test cells it never trained on
     test = subsets["test"]
     metrics = {"model": model.cfg.model, "likelihood": model.cfg.likelihood,
-               **evaluate_model(model, X, test, iw_samples=iw_samples, seed=seed, device=dev)}
+               **evaluate_model(model, X, test, iw_samples=iw_samples, seed=seed, device=dev,
+                               batch_codes=codes)}
 
     everyone = np.arange(X.shape[0])
     obs = pd.DataFrame(index=pd.Index(cells.astype(str), name="cell"))
@@ -189,10 +206,12 @@ def _evaluate(model: VAE, X: CountSource, cells: np.ndarray, labels: np.ndarray 
     obs["subset"] = pd.Categorical(subset_of)
     if labels is not None:
         obs["label"] = pd.Categorical(labels.astype(str))
+    if codes is not None:
+        obs["batch"] = pd.Categorical(np.asarray(model.cfg.batches)[codes], categories=model.cfg.batches)
     latent = ad.AnnData(X=sp.csr_matrix((len(everyone), 0), dtype=np.float32), obs=obs)
-    latent.obsm["X_scvae"] = latent_means(model, X, everyone, dev)
+    latent.obsm["X_scvae"] = latent_means(model, X, everyone, dev, batch_codes=codes)
     if isinstance(model, GMVAE):
-        resp = responsibilities(model, X, everyone, dev)
+        resp = responsibilities(model, X, everyone, dev, batch_codes=codes)
         latent.obsm["scvae_responsibilities"] = resp
         latent.obs["scvae_cluster"] = pd.Categorical(resp.argmax(1).astype(str))
         if labels is not None:
@@ -202,7 +221,7 @@ def _evaluate(model: VAE, X: CountSource, cells: np.ndarray, labels: np.ndarray 
     if feature_means_path:
         table = pd.DataFrame({"feature": genes.astype(str),
                               "observed_mean": observed_feature_means(X, test),
-                              "decoded_mean": decoded_feature_means(model, X, test, dev)})
+                              "decoded_mean": decoded_feature_means(model, X, test, dev, batch_codes=codes)})
         atomic_write_text(table.to_csv(sep="\t", index=False), Path(feature_means_path))
     atomic_write_text(json.dumps(metrics, indent=2) + "\n", Path(metrics_path))
     return metrics

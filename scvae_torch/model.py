@@ -20,7 +20,7 @@ import scipy.sparse as sp
 import torch
 
 from . import distributions as D
-from .batches import open_source
+from .batches import SourceError, batch_codes, batch_column, open_source
 from .config import ModelConfig, TrainConfig
 from .data import DataError, make_split, refuse_bad_counts
 from .evaluation import evaluate_model, latent_means, responsibilities
@@ -90,6 +90,18 @@ def _labels(adata, labels_key: str | None) -> np.ndarray | None:
     return column.astype(str).to_numpy()
 
 
+def _batch_names(adata, batch_key: str | None) -> np.ndarray | None:
+    """obs[batch_key] as strings, or None; a missing column or a cell without a batch is a DataError."""
+    if batch_key is None:
+        return None
+    if batch_key not in adata.obs:
+        raise DataError(f"adata.obs: no column {batch_key!r} (batch_key)")
+    try:
+        return batch_column(adata.obs[batch_key], f"adata.obs[{batch_key!r}]")
+    except SourceError as err:
+        raise DataError(str(err)) from None
+
+
 class SCVAE:
     """A VAE or Gaussian-mixture VAE (GMVAE) of the raw counts in an AnnData.
 
@@ -101,6 +113,11 @@ class SCVAE:
         Layer with the raw counts (default: ``adata.X``, or what `setup_anndata` recorded).
     labels_key
         Column of ``adata.obs`` with known cell types (only ``y_regularisation='supervised'`` trains on them).
+    batch_key
+        Column of ``adata.obs`` with each cell's batch (donor, plate, platform ...): the model is conditioned on
+        it (a conditional VAE: the decoder always, the encoders with ``batch_encoder=True``), so that the latent
+        space and the clusters need not encode it; ``dispersion="gene-batch"`` gives NB/ZINB dispersions per gene
+        and batch. Its categories are stored with the model; data with a batch it never saw are refused.
     model
         ``"vae"`` or ``"gmvae"``; default from `scvae_torch.config.ModelConfig`.
     likelihood
@@ -123,10 +140,14 @@ class SCVAE:
 
     def __init__(self, adata, layer: str | None = None, labels_key: str | None = None, model: str | None = None,
                  likelihood: str | None = None, components: int | None = None, encoder: list[int] | None = None,
-                 decoder: list[int] | None = None, latent: int | None = None, **model_options):
+                 decoder: list[int] | None = None, latent: int | None = None, batch_key: str | None = None,
+                 **model_options):
         setup = dict(adata.uns.get(SETUP_KEY, {}))
         self.layer = layer if layer is not None else setup.get("layer")
         self.labels_key = labels_key if labels_key is not None else setup.get("labels_key")
+        self.batch_key = batch_key if batch_key is not None else setup.get("batch_key")
+        if "batches" in model_options:
+            raise ValueError("the batch categories come from the data: give batch_key, not batches")
         if not adata.obs_names.is_unique:
             raise DataError(f"adata.obs_names: {int(adata.obs_names.duplicated().sum())} duplicate cell ids "
                             "(adata.obs_names_make_unique() first)")
@@ -134,6 +155,12 @@ class SCVAE:
         self._X = _counts(adata, self.layer)
         self.genes = np.asarray(adata.var_names, dtype=str)
         self.labels = _labels(adata, self.labels_key)
+        names = _batch_names(adata, self.batch_key)
+        if names is not None:
+            model_options["batches"] = sorted(set(names.tolist()))
+            self._codes = batch_codes(names, model_options["batches"], "adata")
+        else:
+            self._codes = None
         given = dict(model=model, likelihood=likelihood, components=components, encoder=encoder, decoder=decoder,
                      latent=latent, **model_options)
         self.model_config = ModelConfig.from_dict({"n_features": adata.n_vars,
@@ -150,9 +177,12 @@ class SCVAE:
     # ---- set-up and training ------------------------------------------------------------------------------
 
     @staticmethod
-    def setup_anndata(adata, layer: str | None = None, labels_key: str | None = None) -> None:
-        """Record in ``adata.uns`` which layer holds the counts and which obs column the labels (scvi-tools' habit)."""
-        adata.uns[SETUP_KEY] = {k: v for k, v in {"layer": layer, "labels_key": labels_key}.items() if v is not None}
+    def setup_anndata(adata, layer: str | None = None, labels_key: str | None = None,
+                      batch_key: str | None = None) -> None:
+        """Record in ``adata.uns`` which layer holds the counts and which obs columns the labels and the batch
+        (scvi-tools' habit)."""
+        given = {"layer": layer, "labels_key": labels_key, "batch_key": batch_key}
+        adata.uns[SETUP_KEY] = {k: v for k, v in given.items() if v is not None}
 
     def train(self, max_epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
               early_stopping: bool | None = None, patience: int | None = None, train_size: float = 0.9,
@@ -201,7 +231,8 @@ class SCVAE:
         with _run_folder(checkpoint_dir) as out:
             subsets = {"train": self.train_indices, "validation": self.validation_indices, "test": self.test_indices}
             self.metrics = fit(self._X, self.train_indices, self.validation_indices, self.model_config, tc, out,
-                               labels=labels, inputs=RunInputs(self.genes, cells, subsets, "adata", split=split))
+                               labels=labels, inputs=RunInputs(self.genes, cells, subsets, "adata", split=split),
+                               batch_codes=self._codes)
             best = out / BEST if (out / BEST).exists() else out / CHECKPOINT
             self.module.load_state_dict(load_checkpoint(best, "cpu")["model_state"])
             self.history = pd.read_csv(out / HISTORY, sep="\t")
@@ -236,27 +267,57 @@ class SCVAE:
                             model="this SCVAE model")
         return X if order is None else X[:, order]
 
+    def _batch_codes(self, adata) -> np.ndarray | None:
+        """Each cell's batch code for `adata` (default: the model's own), None for a model without a batch;
+        a batch the model was not trained with is a DataError."""
+        if not self.model_config.n_batches:
+            return None
+        if adata is None:
+            return self._codes
+        names = _batch_names(adata, self.batch_key)
+        try:
+            return batch_codes(names, self.model_config.batches, f"adata.obs[{self.batch_key!r}]")
+        except SourceError as err:
+            raise DataError(str(err)) from None
+
+    def _transform_codes(self, transform_batch) -> list[int] | None:
+        """Codes of the batches named by transform_batch (None: each cell's own batch)."""
+        if transform_batch is None:
+            return None
+        if not self.model_config.n_batches:
+            raise ValueError("transform_batch needs a model trained with a batch covariate (batch_key)")
+        names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
+        known = self.model_config.batches
+        unknown = [str(n) for n in names if str(n) not in known]
+        if unknown or not names:
+            raise ValueError(f"transform_batch: unknown batch(es) {', '.join(map(repr, unknown))} (the model knows "
+                             f"{', '.join(map(repr, known))})")
+        return [known.index(str(n)) for n in names]
+
     def _rows(self, X: sp.csr_matrix, indices) -> np.ndarray:
         rows = np.arange(X.shape[0]) if indices is None else np.asarray(indices)
         if rows.dtype == bool:
             rows = np.flatnonzero(rows)
         return rows
 
-    def _minibatches(self, X: sp.csr_matrix, rows: np.ndarray, batch_size: int | None) -> Iterator[torch.Tensor]:
-        """The cells as sparse count tensors on the model's device, in order."""
+    def _minibatches(self, X: sp.csr_matrix, rows: np.ndarray, batch_size: int | None,
+                     codes: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The cells as sparse count tensors on the model's device, in order, with their batch codes (or None)."""
         batch_size = batch_size or max(1, min(1024, DECODE_VALUES // max(X.shape[1], 1)))
         source = open_source(X, self.device)
         for start in range(0, len(rows), batch_size):
-            yield source.batch(rows[start:start + batch_size]).counts
+            part = rows[start:start + batch_size]
+            b = None if codes is None else torch.as_tensor(codes[part], dtype=torch.long, device=self.device)
+            yield source.batch(part).counts, b
 
-    def _draw_z(self, x: torch.Tensor) -> torch.Tensor:
+    def _draw_z(self, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """z ~ q(z|x) (for a GMVAE: y ~ q(y|x), then z ~ q(z|x,y))."""
         if isinstance(self.module, GMVAE):
-            mu, logvar = self.module.encode_z(x)
-            y = torch.multinomial(self.module.responsibilities(x), 1)[:, 0]
+            mu, logvar = self.module.encode_z(x, b)
+            y = torch.multinomial(self.module.responsibilities(x, b), 1)[:, 0]
             mu, logvar = mu[torch.arange(len(y)), y], logvar[torch.arange(len(y)), y]
         else:
-            mu, logvar = self.module.encode(x)
+            mu, logvar = self.module.encode(x, b)
         return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
 
     @torch.no_grad()
@@ -270,10 +331,12 @@ class SCVAE:
         """
         X = self._matrix(adata)
         rows = self._rows(X, indices)
+        codes = self._batch_codes(adata)
         if give_mean:
-            return latent_means(self.module, X, rows, self.device, batch_size)
+            return latent_means(self.module, X, rows, self.device, batch_size, batch_codes=codes)
         self.module.eval()
-        return np.concatenate([self._draw_z(x).cpu().numpy() for x in self._minibatches(X, rows, batch_size)]) \
+        return np.concatenate([self._draw_z(x, b).cpu().numpy()
+                               for x, b in self._minibatches(X, rows, batch_size, codes)]) \
             if len(rows) else np.zeros((0, self.model_config.latent), np.float32)
 
     def _gmvae(self) -> GMVAE:
@@ -285,7 +348,8 @@ class SCVAE:
         """q(y|x) of a GMVAE: each cell's probability of each of the K components (cells x K)."""
         module = self._gmvae()
         X = self._matrix(adata)
-        return responsibilities(module, X, self._rows(X, indices), self.device, batch_size)
+        return responsibilities(module, X, self._rows(X, indices), self.device, batch_size,
+                                batch_codes=self._batch_codes(adata))
 
     def predict_clusters(self, adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
         """A GMVAE's cluster of each cell: argmax q(y|x) (integers 0..K-1)."""
@@ -293,12 +357,16 @@ class SCVAE:
 
     @torch.no_grad()
     def get_normalized_expression(self, adata=None, indices=None, library_size: float | None = 1e4,
-                                  n_samples: int = 1, layer: str | None = None,
-                                  batch_size: int | None = None) -> np.ndarray:
+                                  n_samples: int = 1, layer: str | None = None, batch_size: int | None = None,
+                                  transform_batch: str | list[str] | None = None) -> np.ndarray:
         """Decoded expected counts per cell and gene, on a common library size.
 
         Parameters
         ----------
+        transform_batch
+            For a model with a batch covariate: decode every cell as if measured in this batch (a name), or
+            average the decoded means over several (a list of names; all of them: ``model.batches``). None
+            decodes each cell in its own batch. The encoder always sees the cell's own batch.
         library_size
             Each cell's decoded means scaled to sum to this (default 10,000, as counts per 10k); None keeps the
             decoded means E[x | z] at the cell's own depth.
@@ -313,14 +381,22 @@ class SCVAE:
         """
         X = self._matrix(adata)
         rows = self._rows(X, indices)
+        codes = self._batch_codes(adata)
+        targets = self._transform_codes(transform_batch)
         self.module.eval()
         out = np.empty((len(rows), X.shape[1]), np.float32)
         start = 0
-        for x in self._minibatches(X, rows, batch_size):
-            if n_samples == 1:
-                means = self._decoded_mean(self.module.latent(x), x)
-            else:
-                means = sum(self._decoded_mean(self._draw_z(x), x) for _ in range(n_samples)) / n_samples
+        for x, b in self._minibatches(X, rows, batch_size, codes):
+            decode_in = [b] if targets is None else [torch.full_like(b, t) for t in targets]
+            means = 0.0
+            for _ in range(n_samples):
+                z = self.module.latent(x, b) if n_samples == 1 else self._draw_z(x, b)
+                for target in decode_in:  # the same z decoded in each batch asked for
+                    scaled = self._decoded_mean(z, x, target)
+                    if library_size is not None and len(decode_in) > 1:  # each batch's profile on the common depth
+                        scaled = scaled / scaled.sum(1, keepdim=True) * library_size
+                    means = means + scaled
+            means = means / (n_samples * len(decode_in))
             if library_size is not None:
                 means = means / means.sum(1, keepdim=True) * library_size
             out[start:start + len(means)] = means.cpu().numpy()
@@ -331,8 +407,8 @@ class SCVAE:
             (self.adata if adata is None else adata).layers[layer] = out
         return out
 
-    def _decoded_mean(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return D.mean(self.model_config.likelihood, self.module.decode(z, x)).double()
+    def _decoded_mean(self, z: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        return D.mean(self.model_config.likelihood, self.module.decode(z, x, b)).double()
 
     @torch.no_grad()
     def posterior_predictive_sample(self, adata=None, indices=None, n_samples: int = 1,
@@ -348,10 +424,10 @@ class SCVAE:
         self.module.eval()
         out = np.empty((n_samples, len(rows), X.shape[1]), np.float32)
         start = 0
-        for x in self._minibatches(X, rows, batch_size):
+        for x, b in self._minibatches(X, rows, batch_size, self._batch_codes(adata)):
             for s in range(n_samples):
-                z = self.module.latent(x) if use_latent_mean else self._draw_z(x)
-                drawn = D.sample(self.model_config.likelihood, self.module.decode(z, x))
+                z = self.module.latent(x, b) if use_latent_mean else self._draw_z(x, b)
+                drawn = D.sample(self.model_config.likelihood, self.module.decode(z, x, b))
                 out[s, start:start + len(drawn)] = drawn.cpu().numpy()
             start += x.shape[0]
         return out[0] if n_samples == 1 else out
@@ -359,13 +435,14 @@ class SCVAE:
     def get_elbo(self, adata=None, indices=None) -> float:
         """Mean ELBO per cell (a lower bound on log p(x); higher is better), e.g. on ``indices=model.test_indices``."""
         X = self._matrix(adata)
-        return evaluate_model(self.module, X, self._rows(X, indices), iw_samples=0, device=self.device)["elbo"]
+        return evaluate_model(self.module, X, self._rows(X, indices), iw_samples=0, device=self.device,
+                              batch_codes=self._batch_codes(adata))["elbo"]
 
     def get_marginal_ll(self, adata=None, indices=None, n_samples: int = 100, seed: int = 0) -> float:
         """Importance-weighted estimate of log p(x) per cell with n_samples draws from q (higher is better)."""
         X = self._matrix(adata)
         return evaluate_model(self.module, X, self._rows(X, indices), iw_samples=n_samples, seed=seed,
-                              device=self.device)["iw_log_lik"]
+                              device=self.device, batch_codes=self._batch_codes(adata))["iw_log_lik"]
 
     # ---- save and load ------------------------------------------------------------------------------------
 
@@ -377,7 +454,8 @@ class SCVAE:
         folder.mkdir(parents=True, exist_ok=True)
         settings = {"model_config": self.model_config.to_dict(),
                     "train_config": None if self.train_config is None else dataclasses.asdict(self.train_config),
-                    "layer": self.layer, "labels_key": self.labels_key, "genes": self.genes.tolist(),
+                    "layer": self.layer, "labels_key": self.labels_key, "batch_key": self.batch_key,
+                    "genes": self.genes.tolist(),
                     "is_trained": self.is_trained}
         atomic_torch_save({"format": CHECKPOINT_FORMAT, "model_config": self.model_config.to_dict(),
                            "model_state": {k: v.cpu() for k, v in self.module.state_dict().items()}},
@@ -409,6 +487,7 @@ class SCVAE:
         cfg = ModelConfig.from_dict(state["model_config"])
         self = cls.__new__(cls)
         self.layer, self.labels_key = settings["layer"], settings["labels_key"]
+        self.batch_key = settings.get("batch_key")
         self.genes = np.asarray(settings["genes"], dtype=str)
         self.model_config = cfg
         self.module = build_model(cfg)
@@ -421,12 +500,18 @@ class SCVAE:
             else pd.DataFrame()
         self.metrics, self.is_trained = {}, bool(settings.get("is_trained", True))
         self.train_indices = self.validation_indices = self.test_indices = np.arange(0)
-        self.adata, self._X, self.labels = None, None, None
+        self.adata, self._X, self.labels, self._codes = None, None, None, None
         if adata is not None:
             self._X = self._matrix(adata)
+            self._codes = self._batch_codes(adata)
             self.adata = adata
             self.labels = _labels(adata, self.labels_key) if self.labels_key in adata.obs else None
         return self
+
+    @property
+    def batches(self) -> list[str]:
+        """The batch covariate's categories (empty for a model without one)."""
+        return list(self.model_config.batches)
 
     def __repr__(self) -> str:
         c = self.model_config

@@ -96,31 +96,48 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+def with_batch(t: Tensor, batch: Tensor | None, n_batches: int) -> Tensor:
+    """t with the one-hot batch codes appended as columns (a conditional VAE's input); t when n_batches is 0.
+
+    batch: integer codes, one per row of t (0 .. n_batches - 1)."""
+    if not n_batches:
+        return t
+    if batch is None:
+        raise ValueError("this model has a batch covariate: give each cell's batch code (batch=)")
+    return torch.cat([t, F.one_hot(batch, n_batches).to(t.dtype)], dim=-1)
+
+
 class Decoder(nn.Module):
-    """p(x|z): an MLP from z to the likelihood's parameters in log / logit space."""
+    """p(x|z, b): an MLP from z (and the one-hot batch b, when the model has one) to the likelihood's parameters
+    in log / logit space."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.likelihood = cfg.likelihood
         self.library_size = cfg.library_size
-        self.mlp = MLP(cfg.latent, cfg.decoder, cfg.batch_norm, cfg.dropout)
+        self.n_batches = cfg.n_batches
+        self.mlp = MLP(cfg.latent + cfg.n_batches, cfg.decoder, cfg.batch_norm, cfg.dropout)
         names = D.PARAMETERS[cfg.likelihood]
-        self.per_gene_theta = "log_theta" in names and cfg.dispersion == "gene"
+        self.per_gene_theta = "log_theta" in names and cfg.dispersion in ("gene", "gene-batch")
+        self.per_batch_theta = self.per_gene_theta and cfg.dispersion == "gene-batch"
         self.heads = nn.ModuleDict({
             name: nn.Linear(self.mlp.n_out, cfg.n_features)
             for name in names if not (name == "log_theta" and self.per_gene_theta)
         })
         if self.per_gene_theta:
-            self.log_theta = nn.Parameter(torch.zeros(cfg.n_features))
+            shape = (cfg.n_batches, cfg.n_features) if self.per_batch_theta else (cfg.n_features,)
+            self.log_theta = nn.Parameter(torch.zeros(shape))
 
-    def forward(self, z: Tensor, log_library: Tensor | None = None) -> dict[str, Tensor]:
-        h = self.mlp(z)
+    def forward(self, z: Tensor, log_library: Tensor | None = None, batch: Tensor | None = None) -> dict[str, Tensor]:
+        h = self.mlp(with_batch(z, batch, self.n_batches))
         params = {name: _float32(head(h)) for name, head in self.heads.items()}
         if self.library_size:
             # mean = library size x softmax over genes (scVI-style scaling)
             params["log_mean"] = torch.log_softmax(params["log_mean"], dim=-1) + log_library
         params["log_mean"] = bounded(params["log_mean"], *LOG_MEAN_BOUNDS)
-        if self.per_gene_theta:
+        if self.per_batch_theta:  # one row per cell: its batch's dispersions
+            params["log_theta"] = self.log_theta.clamp(*LOG_THETA_BOUNDS)[batch]
+        elif self.per_gene_theta:
             params["log_theta"] = self.log_theta.clamp(*LOG_THETA_BOUNDS)
         elif "log_theta" in params:
             params["log_theta"] = bounded(params["log_theta"], *LOG_THETA_BOUNDS)
@@ -154,39 +171,46 @@ class VAE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = MLP(cfg.n_features, cfg.encoder, cfg.batch_norm, cfg.dropout)
+        self.encoder = MLP(cfg.n_features + self._encoder_batches(cfg), cfg.encoder, cfg.batch_norm, cfg.dropout)
         self.z_mu = nn.Linear(self.encoder.n_out, cfg.latent)
         self.z_logvar = nn.Linear(self.encoder.n_out, cfg.latent)
         self.decoder = Decoder(cfg)
         # A compiled distributions.dense_zero_part, set by training's `compile` option (None: eager).
         self.zero_part: Callable | None = None
 
-    def _input(self, x: Tensor) -> Tensor:
-        return encoder_input(x, self.cfg.log1p_input)
+    @staticmethod
+    def _encoder_batches(cfg: ModelConfig) -> int:
+        """Extra encoder inputs: the one-hot batch when the encoders are conditioned on it."""
+        return cfg.n_batches if cfg.batch_encoder else 0
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and log-variance of q(z|x)."""
-        h = self.encoder(self._input(x))
+    def _input(self, x: Tensor, batch: Tensor | None = None) -> Tensor:
+        return with_batch(encoder_input(x, self.cfg.log1p_input), batch, self._encoder_batches(self.cfg))
+
+    def encode(self, x: Tensor, batch: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Mean and log-variance of q(z|x) (q(z|x,b) when the encoder is conditioned on the batch)."""
+        h = self.encoder(self._input(x, batch))
         return _float32(self.z_mu(h)), _float32(self.z_logvar(h)).clamp(*LOG_VAR_BOUNDS)
 
-    def latent(self, x: Tensor) -> Tensor:
+    def latent(self, x: Tensor, batch: Tensor | None = None) -> Tensor:
         """Latent representation of each cell: the mean of q(z|x)."""
-        return self.encode(x)[0]
+        return self.encode(x, batch)[0]
 
-    def decode(self, z: Tensor, x: Tensor) -> dict[str, Tensor]:
-        """Likelihood parameters for each row of z (x supplies the library size when that option is on)."""
-        return self.decoder(z, _log_library(x) if self.cfg.library_size else None)
+    def decode(self, z: Tensor, x: Tensor, batch: Tensor | None = None) -> dict[str, Tensor]:
+        """Likelihood parameters for each row of z (x supplies the library size when that option is on; batch,
+        the batch codes to decode in, when the model has a batch covariate)."""
+        return self.decoder(z, _log_library(x) if self.cfg.library_size else None, batch)
 
     def forward(self, x: Tensor, kl_weight: float = 1.0, labels: Tensor | None = None,
-                counts: Tensor | None = None) -> dict[str, Tensor]:
+                counts: Tensor | None = None, batch: Tensor | None = None) -> dict[str, Tensor]:
         """ELBO terms per cell, and the minibatch loss (negative ELBO per cell, KL weighted).
 
         x: the counts, dense or a sparse CSR tensor (which makes the likelihood sparse-aware: same values);
-        counts, the same cells as a sparse CSR tensor, does that for a dense x (default: x itself).
+        counts, the same cells as a sparse CSR tensor, does that for a dense x (default: x itself);
+        batch: each cell's batch code (models with a batch covariate only).
         """
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x, batch)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        params = self.decode(z, x)
+        params = self.decode(z, x, batch)
         log_lik = log_px(self.cfg.likelihood, x if counts is None else counts, params, self.zero_part)
         kl_z = gaussian_kl(mu, logvar, torch.zeros_like(mu), torch.zeros_like(logvar))
         kl_y = torch.zeros_like(kl_z)
@@ -195,16 +219,18 @@ class VAE(nn.Module):
         return {"elbo": log_lik - kl_z, "log_lik": log_lik, "kl_z": kl_z, "kl_y": kl_y, "loss": loss,
                 "params": params}
 
-    def iw_log_likelihood(self, x: Tensor, samples: int, counts: Tensor | None = None) -> Tensor:
+    def iw_log_likelihood(self, x: Tensor, samples: int, counts: Tensor | None = None,
+                          batch: Tensor | None = None) -> Tensor:
         """Importance-weighted estimate of log p(x) per cell with `samples` draws from q(z|x)."""
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x, batch)
         counts = x if counts is None else counts
         log_library = _log_library(x) if self.cfg.library_size else None
         terms = []
         for s in _sample_chunks(samples, x.shape[0] * x.shape[1]):
             z = mu + torch.randn((s, *mu.shape), dtype=mu.dtype, device=mu.device) * (0.5 * logvar).exp()
             params = self.decoder(z.reshape(-1, mu.shape[-1]),
-                                  None if log_library is None else log_library.repeat(s, 1))
+                                  None if log_library is None else log_library.repeat(s, 1),
+                                  None if batch is None else batch.repeat(s))
             log_p = log_px(self.cfg.likelihood, tile_rows(counts, s), params, self.zero_part).reshape(s, x.shape[0])
             log_pz = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
             terms.append(log_p + log_pz - gaussian_log_prob(z, mu, logvar))
@@ -228,10 +254,11 @@ class GMVAE(VAE):
         nn.Module.__init__(self)
         self.cfg = cfg
         K, L = cfg.components, cfg.latent
-        self.y_encoder = MLP(cfg.n_features, cfg.encoder, cfg.batch_norm, cfg.dropout)
+        n_in = cfg.n_features + self._encoder_batches(cfg)  # x, and the one-hot batch when the encoders see it
+        self.y_encoder = MLP(n_in, cfg.encoder, cfg.batch_norm, cfg.dropout)
         self.y_logits = nn.Linear(self.y_encoder.n_out, K)
         # q(z|x,y): an MLP on [x, onehot(y)]; its first linear layer is split so x is multiplied once.
-        self.z_first = nn.Linear(cfg.n_features + K, cfg.encoder[0])
+        self.z_first = nn.Linear(n_in + K, cfg.encoder[0])
         rest: list[nn.Module] = []
         if cfg.batch_norm:
             rest.append(nn.BatchNorm1d(cfg.encoder[0]))
@@ -248,57 +275,60 @@ class GMVAE(VAE):
         self.decoder = Decoder(cfg)
         self.zero_part: Callable | None = None  # as in VAE
 
-    def y_log_probs(self, x: Tensor) -> Tensor:
+    def y_log_probs(self, x: Tensor, batch: Tensor | None = None) -> Tensor:
         """log q(y|x), shape (cells, K)."""
-        return torch.log_softmax(_float32(self.y_logits(self.y_encoder(self._input(x)))), dim=-1)
+        return torch.log_softmax(_float32(self.y_logits(self.y_encoder(self._input(x, batch)))), dim=-1)
 
-    def responsibilities(self, x: Tensor) -> Tensor:
+    def responsibilities(self, x: Tensor, batch: Tensor | None = None) -> Tensor:
         """q(y|x), shape (cells, K)."""
-        return self.y_log_probs(x).exp()
+        return self.y_log_probs(x, batch).exp()
 
-    def encode_z(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def encode_z(self, x: Tensor, batch: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Mean and log-variance of q(z|x,y) for every y, shape (cells, K, L)."""
         n, K = x.shape[0], self.cfg.components
         w = self.z_first.weight
-        h = F.linear(self._input(x), w[:, : self.cfg.n_features], self.z_first.bias)
-        h = (h[:, None, :] + w[:, self.cfg.n_features:].T[None, :, :]).reshape(n * K, -1)
+        n_in = self.cfg.n_features + self._encoder_batches(self.cfg)
+        h = F.linear(self._input(x, batch), w[:, :n_in], self.z_first.bias)
+        h = (h[:, None, :] + w[:, n_in:].T[None, :, :]).reshape(n * K, -1)
         h = self.encoder(self.z_first_rest(h))
         mu = _float32(self.z_mu(h)).reshape(n, K, -1)
         logvar = _float32(self.z_logvar(h)).reshape(n, K, -1).clamp(*LOG_VAR_BOUNDS)
         return mu, logvar
 
-    def latent(self, x: Tensor) -> Tensor:
+    def latent(self, x: Tensor, batch: Tensor | None = None) -> Tensor:
         """Latent representation: E_q(y|x)[mean of q(z|x,y)]."""
-        mu, _ = self.encode_z(x)
-        return (self.responsibilities(x)[:, :, None] * mu).sum(1)
+        mu, _ = self.encode_z(x, batch)
+        return (self.responsibilities(x, batch)[:, :, None] * mu).sum(1)
 
     def _prior(self) -> tuple[Tensor, Tensor]:
         return self.prior_mu, self.prior_logvar.clamp(*LOG_VAR_BOUNDS)
 
-    def _log_px_per_component(self, x: Tensor, z: Tensor, counts: Tensor | None = None) -> Tensor:
+    def _log_px_per_component(self, x: Tensor, z: Tensor, counts: Tensor | None = None,
+                              batch: Tensor | None = None) -> Tensor:
         """log p(x|z_k) for z of shape (cells, K, L); returns (cells, K). counts: x as sparse CSR, optional."""
         n, K, L = z.shape
         # decoded component-major (row k * n + i), so that the counts are K stacked copies of the minibatch
         log_library = _log_library(x).repeat(K, 1) if self.cfg.library_size else None
-        params = self.decoder(z.transpose(0, 1).reshape(K * n, L), log_library)
+        params = self.decoder(z.transpose(0, 1).reshape(K * n, L), log_library,
+                              None if batch is None else batch.repeat(K))
         counts = tile_rows(x if counts is None else counts, K)
         return log_px(self.cfg.likelihood, counts, params, self.zero_part).reshape(K, n).T
 
     def forward(self, x: Tensor, kl_weight: float = 1.0, labels: Tensor | None = None,
-                pretrain: bool = False, counts: Tensor | None = None) -> dict[str, Tensor]:
+                pretrain: bool = False, counts: Tensor | None = None, batch: Tensor | None = None) -> dict[str, Tensor]:
         """ELBO terms per cell, and the minibatch loss (negative ELBO per cell, KL weighted).
 
         pretrain=True trains it as a plain VAE: q(y|x) held uniform and p(z|y) = N(0, I) for every y.
-        counts: x as a sparse CSR tensor for the sparse-aware likelihood (as in VAE.forward).
+        counts: x as a sparse CSR tensor for the sparse-aware likelihood (as in VAE.forward); batch: as there.
         """
         K = self.cfg.components
-        log_qy = self.y_log_probs(x)
+        log_qy = self.y_log_probs(x, batch)
         if pretrain:
             log_qy = torch.full_like(log_qy, -math.log(K))
         qy = log_qy.exp()
-        mu, logvar = self.encode_z(x)
+        mu, logvar = self.encode_z(x, batch)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        log_px_k = self._log_px_per_component(x, z, counts)             # (cells, K)
+        log_px_k = self._log_px_per_component(x, z, counts, batch)      # (cells, K)
         p_mu, p_logvar = self._prior()
         if pretrain:
             p_mu, p_logvar = torch.zeros_like(p_mu), torch.zeros_like(p_logvar)
@@ -323,9 +353,10 @@ class GMVAE(VAE):
         return {"elbo": elbo, "log_lik": log_lik, "kl_z": kl_z, "kl_y": kl_y, "loss": loss,
                 "params": None, "qy": qy}
 
-    def iw_log_likelihood(self, x: Tensor, samples: int, counts: Tensor | None = None) -> Tensor:
+    def iw_log_likelihood(self, x: Tensor, samples: int, counts: Tensor | None = None,
+                          batch: Tensor | None = None) -> Tensor:
         """Importance-weighted log p(x): y summed exactly, z drawn from q(z|x,y) `samples` times per y."""
-        mu, logvar = self.encode_z(x)
+        mu, logvar = self.encode_z(x, batch)
         p_mu, p_logvar = self._prior()
         K = self.cfg.components
         terms = []
@@ -333,7 +364,7 @@ class GMVAE(VAE):
             for _ in range(s):
                 z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
                 # p(x) = sum_y E_q(z|x,y)[p(x|z) p(z|y) p(y) / q(z|x,y)]: y enumerated, not sampled
-                terms.append(self._log_px_per_component(x, z, counts) + gaussian_log_prob(z, p_mu[None], p_logvar[None])
+                terms.append(self._log_px_per_component(x, z, counts, batch) + gaussian_log_prob(z, p_mu[None], p_logvar[None])
                              - math.log(K) - gaussian_log_prob(z, mu, logvar))
         return torch.logsumexp(torch.cat(terms, dim=-1), dim=-1) - math.log(samples)
 

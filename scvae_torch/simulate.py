@@ -29,6 +29,7 @@ class Simulated:
     X: sp.csr_matrix
     labels: np.ndarray | None
     truth: dict = field(default_factory=dict)
+    batch: np.ndarray | None = None  # each cell's batch name, when the data set has batches
 
     def truth_json(self) -> dict:
         """The true parameters as plain lists and numbers, ready for json.dump."""
@@ -260,7 +261,8 @@ def _nb_counts(rng: np.random.Generator, library_sizes: np.ndarray, types: np.nd
 def single_cell(n_cells: int = 5000, n_genes: int = 2000, n_types: int = 6, seed: int = 0,
                 sparsity: float = 0.9, n_markers: int | None = None, fold: tuple[float, float] = (5.0, 10.0),
                 gene_sd: float = 1.5, library_sd: float = 0.4, dispersion_median: float = 2.0,
-                dispersion_sd: float = 0.75) -> Simulated:
+                dispersion_sd: float = 0.75, batches: int = 1, batch_sd: float = 0.5,
+                batch_depth: tuple[float, ...] | None = None) -> Simulated:
     """Single-cell-like NB counts: cell types with marker genes, heavy-tailed means, library sizes, ~90% zeros.
 
     Gene log-means ~ N(0, gene_sd^2); each type multiplies its own n_markers genes (default: 5% of the genes, at
@@ -271,8 +273,14 @@ def single_cell(n_cells: int = 5000, n_genes: int = 2000, n_types: int = 6, seed
     drawn in blocks and only non-zeros are kept, so no dense cells x genes matrix is ever formed (_nb_counts).
     labels "type0", ...; truth: 'types', 'type_proportions' (types x genes), 'library_sizes' (L_c),
     'inverse_dispersion' (theta_g), 'marker_genes' (types x n_markers), 'type_weights'.
+
+    batches > 1 adds a known batch effect: each cell is in batch b (uniformly), and in batch b >= 1 every gene's
+    mean is multiplied by a factor exp(N(0, batch_sd^2)) drawn per batch and gene (rows renormalised), and the
+    library sizes by batch_depth[b] (default 1); batch 0 is the reference, so 'type_proportions' are the
+    batch-free means (those of batch 0). Extra truth: 'batches' (codes), 'batch_factors' (batches x genes,
+    row 0 all ones), 'batch_type_proportions' (batches x types x genes); `batch` holds "batch0", ... per cell.
     """
-    for name, value in (("n_cells", n_cells), ("n_genes", n_genes), ("n_types", n_types)):
+    for name, value in (("n_cells", n_cells), ("n_genes", n_genes), ("n_types", n_types), ("batches", batches)):
         _positive(name, value)
     if not 0.0 < sparsity < 1.0:
         raise ValueError(f"sparsity must lie strictly between 0 and 1, got {sparsity!r}")
@@ -303,8 +311,27 @@ def single_cell(n_cells: int = 5000, n_genes: int = 2000, n_types: int = 6, seed
     scale = float(np.exp(brentq(gap, np.log(1e-6), np.log(1e12), xtol=1e-3)))
     library_sizes = scale * size_factors
 
-    X = _nb_counts(rng, library_sizes, types, proportions, theta, expected_nnz=(1 - sparsity) * n_cells * n_genes)
     labels = np.array([f"type{t}" for t in range(n_types)])[types]
     truth = {"types": types, "type_proportions": proportions, "library_sizes": library_sizes,
              "inverse_dispersion": theta, "marker_genes": markers, "type_weights": type_weights}
-    return Simulated(X, labels, truth)
+    if batches == 1:
+        X = _nb_counts(rng, library_sizes, types, proportions, theta,
+                       expected_nnz=(1 - sparsity) * n_cells * n_genes)
+        return Simulated(X, labels, truth)
+    # a separate stream for the batch effect: the batch-free part is drawn exactly as without batches
+    brng = np.random.Generator(np.random.PCG64([seed, 1]))
+    depth = np.ones(batches) if batch_depth is None else np.asarray(batch_depth, dtype=float)
+    if depth.shape != (batches,) or not (depth > 0).all():
+        raise ValueError(f"batch_depth must give {batches} positive factors, got {batch_depth!r}")
+    factors = np.exp(brng.normal(0.0, batch_sd, size=(batches, n_genes)))
+    factors[0] = 1.0
+    batch_p = proportions[None, :, :] * factors[:, None, :]
+    batch_p /= batch_p.sum(axis=2, keepdims=True)
+    cell_batch = brng.integers(0, batches, size=n_cells)
+    library_sizes = library_sizes * depth[cell_batch]
+    # (batch, type) pairs as the "types" of _nb_counts: row b * n_types + t of the stacked proportions
+    X = _nb_counts(rng, library_sizes, cell_batch * n_types + types, batch_p.reshape(-1, n_genes), theta,
+                   expected_nnz=(1 - sparsity) * n_cells * n_genes)
+    truth.update(library_sizes=library_sizes, batches=cell_batch, batch_factors=factors,
+                 batch_type_proportions=batch_p)
+    return Simulated(X, labels, truth, np.array([f"batch{b}" for b in range(batches)])[cell_batch])

@@ -21,10 +21,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .batches import (Source, SourceError, StreamSource, csr_nbytes, epoch_permutation,  # noqa: F401
-                      load_counts, open_source, read_annotations)
+                      load_counts, open_source, read_annotations, read_batches)
 from .config import ModelConfig, TrainConfig
 from .distributions import wide_dtype
 from .models import GMVAE, VAE, build_model
@@ -210,6 +211,29 @@ def minibatch(X: sp.csr_matrix, rows: np.ndarray, device: torch.device) -> torch
     return dense.to(device, non_blocking=True)
 
 
+def batch_tensor(batch_codes: np.ndarray | Tensor | None, rows: np.ndarray, device: torch.device) -> Tensor | None:
+    """The batch codes of `rows` as a long tensor on the device (None when there are none)."""
+    if batch_codes is None:
+        return None
+    return torch.as_tensor(batch_codes[np.asarray(rows)], dtype=torch.long).to(device, non_blocking=True)
+
+
+def check_batch_codes(batch_codes: np.ndarray | None, cfg: ModelConfig, n_cells: int) -> np.ndarray | None:
+    """batch_codes as an int64 array checked against the model's batch covariate; a TrainingError if they do not
+    fit (codes for a model without a covariate are dropped: that model does not use them)."""
+    if not cfg.n_batches:
+        return None
+    if batch_codes is None:
+        raise TrainingError(f"the model has a batch covariate ({cfg.n_batches} batches) but no batch codes were "
+                            "given (obs['batch'])")
+    codes = np.asarray(batch_codes)
+    if codes.shape != (n_cells,) or codes.dtype.kind not in "iu":
+        raise TrainingError(f"batch codes: expected {n_cells} integer codes, got shape {codes.shape} {codes.dtype}")
+    if n_cells and (codes.min() < 0 or codes.max() >= cfg.n_batches):
+        raise TrainingError(f"batch codes outside 0..{cfg.n_batches - 1} (min {codes.min()}, max {codes.max()})")
+    return codes.astype(np.int64, copy=False)
+
+
 def kl_weight(epoch: int, warmup: int) -> float:
     """Linear KL warm-up: weight (epoch+1)/warmup for the first `warmup` epochs, then 1."""
     return 1.0 if warmup <= 0 else min(1.0, (epoch + 1) / warmup)
@@ -220,8 +244,11 @@ TERMS = ("elbo", "log_lik", "kl_z", "kl_y")
 
 @torch.no_grad()
 def evaluate_terms(model: VAE, X: sp.csr_matrix | Source, rows: np.ndarray, device: torch.device,
-                   batch_size: int = 512, iw_samples: int = 0) -> dict[str, float]:
-    """Mean ELBO terms per cell over `rows`, plus the Poisson-stability statistics of the decoded rates."""
+                   batch_size: int = 512, iw_samples: int = 0,
+                   batch_codes: np.ndarray | None = None) -> dict[str, float]:
+    """Mean ELBO terms per cell over `rows`, plus the Poisson-stability statistics of the decoded rates.
+
+    batch_codes: each cell's batch code (a row of X each), for a model with a batch covariate."""
     model.eval()
     source = open_source(X, device)
     wide = wide_dtype(device)
@@ -232,9 +259,10 @@ def evaluate_terms(model: VAE, X: sp.csr_matrix | Source, rows: np.ndarray, devi
     for start in range(0, len(rows), batch_size):
         batch = source.batch(rows[start:start + batch_size])
         x = batch.x
-        out = model(x, counts=batch.counts)
-        rate = model.decode(model.latent(x), x)["log_mean"].exp()
-        iw = model.iw_log_likelihood(x, iw_samples, counts=batch.counts).sum(dtype=wide) if iw_samples \
+        b = batch_tensor(batch_codes, rows[start:start + batch_size], device)
+        out = model(x, counts=batch.counts, batch=b)
+        rate = model.decode(model.latent(x, b), x, b)["log_mean"].exp()
+        iw = model.iw_log_likelihood(x, iw_samples, counts=batch.counts, batch=b).sum(dtype=wide) if iw_samples \
             else sums.new_zeros(())
         sums += torch.stack([*(out[k].sum(dtype=wide) for k in TERMS), (rate * (x == 0)).sum(dtype=wide), iw])
         max_rate = torch.maximum(max_rate, rate.max().to(wide))
@@ -249,13 +277,14 @@ def evaluate_terms(model: VAE, X: sp.csr_matrix | Source, rows: np.ndarray, devi
 
 @torch.no_grad()
 def init_mixture_prior(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray, device: torch.device,
-                       seed: int) -> None:
+                       seed: int, batch_codes: np.ndarray | None = None) -> None:
     """Set p(z|y) to k-means clusters of the pre-trained latent means (means and per-dimension variances)."""
     from sklearn.cluster import KMeans
 
     model.eval()
     source = open_source(X, device)
-    Z = torch.cat([model.encode_z(source.batch(rows[s:s + 1024]).counts)[0].mean(1).cpu()
+    Z = torch.cat([model.encode_z(source.batch(rows[s:s + 1024]).counts,
+                                  batch_tensor(batch_codes, rows[s:s + 1024], device))[0].mean(1).cpu()
                    for s in range(0, len(rows), 1024)]).double().numpy()
     K = model.cfg.components
     km = KMeans(n_clusters=K, n_init=10, random_state=seed).fit(Z)
@@ -318,11 +347,12 @@ def _history_frame(history: list[dict]) -> pd.DataFrame:
 
 def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, model_config: dict | ModelConfig,
         train_config: TrainConfig, out_dir: str | Path, labels: np.ndarray | None = None,
-        inputs: provenance.RunInputs | None = None) -> dict:
+        inputs: provenance.RunInputs | None = None, batch_codes: np.ndarray | None = None) -> dict:
     """Train (or resume) a model in out_dir; writes checkpoint.pt, best.pt, history.tsv, metrics.json.
 
     X: a CSR count matrix in memory or a batch Source (e.g. a StreamSource reading the h5ad file).
     labels (integer codes per row of X) are used only by the supervised y-regularisation ablation.
+    batch_codes (integer codes per row of X, positions in model_config's `batches`): the batch covariate.
     inputs: the genes, cells and split, recorded in out_dir (split.tsv, run.json) when the run starts.
     """
     out = Path(out_dir)
@@ -341,6 +371,8 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
     source = open_source(X, device)
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
     label_t = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
+    codes = check_batch_codes(batch_codes, cfg, X.shape[0])
+    batch_t = torch.as_tensor(codes) if codes is not None else None
 
     if tc.threads:
         torch.set_num_threads(tc.threads)  # small models run fastest with few threads; never oversubscribe
@@ -371,7 +403,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
             t0 = time.perf_counter()
             pretraining = isinstance(model, GMVAE) and epoch < tc.pretrain_epochs
             if isinstance(model, GMVAE) and tc.pretrain_epochs and epoch == tc.pretrain_epochs and batch0 == 0:
-                init_mixture_prior(model, source, train_idx, device, tc.seed)
+                init_mixture_prior(model, source, train_idx, device, tc.seed, codes)
                 log.info("initialised p(z|y) by k-means on the pre-trained latent")
             weight = kl_weight(epoch, tc.kl_warmup)
             perm = source.epoch_order(train_idx, tc.seed, epoch)
@@ -382,10 +414,11 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                     continue  # batch norm cannot train on one cell (a last minibatch of one; smaller ones are refused)
                 batch = source.batch(rows)
                 y = label_t[rows].to(device) if label_t is not None else None
+                b_kw = {} if batch_t is None else {"batch": batch_t[rows].to(device, non_blocking=True)}
                 optimiser.zero_grad(set_to_none=True)  # before the forward pass: last step's gradients freed
                 with autocast:  # the likelihood inside always runs in float32 (models.log_px)
-                    result = model(batch.counts, kl_weight=weight, labels=y, pretrain=pretraining) \
-                        if isinstance(model, GMVAE) else model(batch.counts, kl_weight=weight)
+                    result = model(batch.counts, kl_weight=weight, labels=y, pretrain=pretraining, **b_kw) \
+                        if isinstance(model, GMVAE) else model(batch.counts, kl_weight=weight, **b_kw)
                 loss = result["loss"]
                 if device.type == "cpu" and not torch.isfinite(loss):  # on a GPU checked once per epoch, below:
                     raise TrainingError(f"non-finite loss at epoch {epoch + 1}, minibatch {b + 1}: stopped; "
@@ -407,7 +440,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
             train_terms = {k: partial.get(k, 0.0) / max(partial.get("n", 1), 1) for k in TERMS}
             partial = {}
             val = evaluate_terms(model, source, val_idx, device, batch_size=tc.batch_size,  # memory as training
-                                 iw_samples=tc.iw_samples) if len(val_idx) else {}
+                                 iw_samples=tc.iw_samples, batch_codes=codes) if len(val_idx) else {}
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch + 1, "kl_weight": weight, **{f"train_{k}": v for k, v in train_terms.items()},
                    **{f"val_{k}": v for k, v in val.items()}, "seconds": seconds}
@@ -561,8 +594,11 @@ def _save(out: Path, model: VAE, optimiser: torch.optim.Optimizer, cfg: ModelCon
 
 
 def train_dataset(data_path: str, out_dir: str, model_config: dict, train_config: TrainConfig,
-                  split_path: str | None = None) -> dict:
+                  split_path: str | None = None, batch: bool = False) -> dict:
     """Train (or resume) on a canonical h5ad; without a split file, a seeded default split is saved in out_dir.
+
+    batch: condition the model on the file's obs['batch'] (a conditional VAE; its categories, sorted, are
+    stored in the model's configuration and so in every checkpoint).
 
     A resumed run must get the genes (reordered by name when only their order differs) and the split it
     started with (provenance.RECORD); nothing is written before the data, split and settings are checked.
@@ -598,11 +634,20 @@ def train_dataset(data_path: str, out_dir: str, model_config: dict, train_config
             if cell_labels is None:
                 raise TrainingError(f"{data_path}: y_regularisation 'supervised' needs labels (obs['label'])")
             labels = pd.Categorical(cell_labels).codes.astype(np.int64)
+        codes = None
+        if batch:
+            try:
+                names = read_batches(data_path)
+            except SourceError as err:
+                raise TrainingError(str(err)) from None
+            categories = sorted(set(names.tolist()))
+            model_config = {**model_config, "batches": categories}
+            codes = np.searchsorted(np.asarray(categories), names).astype(np.int64)
         inputs = provenance.RunInputs(genes, cells, subsets, data_path, split_file=split_path or str(saved),
                                       split=split)
         try:
             return fit(X, subsets["train"], subsets["validation"], model_config, train_config, out, labels=labels,
-                       inputs=inputs)
+                       inputs=inputs, batch_codes=codes)
         except SourceError as err:  # a streamed block that cannot be read or holds no counts: one line
             raise TrainingError(f"{err}; {provenance.checkpoint_note(out)}") from None
     finally:

@@ -253,7 +253,7 @@ def test_single_cell_rejects_bad_parameters(kwargs, match):
 
 def test_cli_defaults_mirror_the_library():
     params = {"cells": "n_cells", "genes": ("n_genes", "n_features"), "types": ("n_types", "n_clusters"),
-              "sparsity": "sparsity"}
+              "sparsity": "sparsity", "batches": "batches"}
     functions = {"poisson-check": poisson_check, "gmvae-mixture": gmvae_mixture, "single-cell": single_cell}
     for kind, defaults in cli._SIM_DEFAULTS.items():
         signature = inspect.signature(functions[kind]).parameters
@@ -262,7 +262,7 @@ def test_cli_defaults_mirror_the_library():
             name = next(n for n in names if n in signature)
             assert signature[name].default == value, (kind, option)
     # and every tunable size of each generator is reachable from the command line
-    assert set(cli._SIM_DEFAULTS["single-cell"]) == {"cells", "genes", "types", "sparsity"}
+    assert set(cli._SIM_DEFAULTS["single-cell"]) == {"cells", "genes", "types", "sparsity", "batches"}
 
 
 @pytest.mark.parametrize("kind,flags,expected", [
