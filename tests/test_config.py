@@ -155,7 +155,7 @@ def test_model_defaults_mirror_modelconfig():
 
 def test_every_model_option_is_configurable():
     """Every ModelConfig option except those set per run (architecture, model, likelihood) is in the schema."""
-    per_run = {"n_features", "model", "likelihood", "encoder", "decoder", "latent"}
+    per_run = {"n_features", "model", "likelihood", "encoder", "decoder", "latent", "batches"}  # batches: from data
     assert MODEL_KEYS - per_run <= set(schema_defaults("model")), MODEL_KEYS - per_run - set(schema_defaults("model"))
 
 
