@@ -22,6 +22,7 @@ include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/clustering.smk"
 include: "rules/figures.smk"
+include: "rules/benchmark.smk"
 
 
 # Run on the submitting host under a cluster profile: downloads need the internet (compute nodes often have
@@ -36,6 +37,8 @@ localrules:
     figure3,
     figure5,
     learning_curves,
+    benchmark_table,
+    benchmark_figure,
 
 
 rule all:

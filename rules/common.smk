@@ -49,11 +49,13 @@ def config_error(message):
 def validate_config():
     """Validate against config/schema.yaml (filling in its defaults); one line naming the key at fault."""
     # Snakemake's default-filling validator calls setdefault on a null the schema allows ('figures.figure2:
-    # null' = skip) and fails with an AttributeError: validate such figures as absent, then put the nulls back.
-    figures = config.get("figures")
-    skipped = [k for k, v in figures.items() if v is None] if isinstance(figures, dict) else []
-    for key in skipped:
-        del figures[key]
+    # null' = skip, 'benchmark.peers.scvi: null' = off) and fails with an AttributeError: validate such
+    # entries as absent, then put the nulls back.
+    peers = config.get("benchmark", {}).get("peers") if isinstance(config.get("benchmark"), dict) else None
+    nullable = [section for section in (config.get("figures"), peers) if isinstance(section, dict)]
+    skipped = [(section, k) for section in nullable for k, v in section.items() if v is None]
+    for section, key in skipped:
+        del section[key]
     try:
         validate(config, schema="../config/schema.yaml")
     except WorkflowError as err:
@@ -63,8 +65,8 @@ def validate_config():
         key = ".".join(str(p) for p in cause.absolute_path) or "(top level)"
         config_error(f"{key}: {cause.message}")
     finally:
-        for key in skipped:
-            figures[key] = None
+        for section, key in skipped:
+            section[key] = None
 
 
 validate_config()
@@ -124,12 +126,29 @@ def datasets_from(source):
     return "|".join(names) if names else "(?!)"
 
 
+def data_dir():
+    """Folder of {data_dir} in file paths: config data_dir, else $SCVAE_SHARED_DATA, else ../shared/data."""
+    import os
+
+    return config.get("data_dir") or os.environ.get("SCVAE_SHARED_DATA") or "../shared/data"
+
+
+def file_path(dataset):
+    """A file data set's path, with a leading {data_dir} replaced by data_dir()."""
+    import os
+
+    path = config["datasets"][dataset]["file"]["path"]
+    if not path.startswith("{data_dir}"):
+        return path
+    return os.path.join(data_dir(), path[len("{data_dir}"):].lstrip(os.sep))
+
+
 def raw_input(wildcards):
     """The file prepare_data reads: the downloaded file, or the user's path."""
     spec = config["datasets"][wildcards.dataset]
     if "download" in spec:
         return f"resources/downloads/{wildcards.dataset}/raw"
-    return spec["file"]["path"]
+    return file_path(wildcards.dataset)
 
 
 def counts(dataset):
@@ -235,6 +254,11 @@ def check_references():
         config_error(f"figures.figure5.dataset: {fig5['dataset']!r} has no labels")
     if abs(sum(config["split"]["fractions"]) - 1) > 1e-6:
         config_error("split.fractions: must sum to 1")
+    for dataset in config["benchmark"]["datasets"]:
+        if dataset not in config["gridsearch"]["datasets"]:
+            config_error(f"benchmark.datasets: {dataset!r} is not in gridsearch.datasets (its models are compared)")
+        if not labelled(dataset):
+            config_error(f"benchmark.datasets: {dataset!r} has no labels")
 
 
 check_datasets()
@@ -358,6 +382,8 @@ def all_targets():
         "figure5": "figure5_gmvae_ablation",
     }
     targets += [f for key, name in names.items() if config["figures"].get(key) for f in figure(name)]
+    if config["benchmark"]["datasets"]:
+        targets += ["results/tables/benchmark.tsv", "results/tables/benchmark.md", *figure("benchmark")]
     return targets
 
 
@@ -395,3 +421,71 @@ def figure5_inputs(wildcards):
         ],
         "scores": f"results/clustering/{dataset}/scores.tsv",
     }
+
+
+# ---- benchmark against peers (rules/benchmark.smk) -------------------------------------------------
+
+SCVI_LIKELIHOODS = ("poisson", "nb", "zinb")  # the likelihoods scVI has
+_peer_checked = {}
+
+
+def scvi_python():
+    """The interpreter the scVI job runs under: benchmark.peers.scvi.python, else the one running Snakemake."""
+    import sys
+
+    return config["benchmark"]["peers"]["scvi"]["python"] or sys.executable
+
+
+def scvi_enabled():
+    """Whether the scVI peer runs: switched on, and scvi-tools importable by its interpreter (else one log line)."""
+    if config["benchmark"]["peers"].get("scvi") is None or not config["benchmark"]["datasets"]:
+        return False
+    if "scvi" not in _peer_checked:
+        import subprocess
+
+        from snakemake.logging import logger
+
+        python = scvi_python()
+        probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('scvi') is None)"
+        try:
+            found = subprocess.run([python, "-c", probe], capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            found = False
+        if not found:
+            logger.warning(
+                f"benchmark: scvi-tools is not importable by {python}; the scVI peer is skipped "
+                "(pip install 'scvae-torch[compare]', or set benchmark.peers.scvi.python)"
+            )
+        _peer_checked["scvi"] = found
+    return _peer_checked["scvi"]
+
+
+def scvi_runs():
+    """(dataset, likelihood) of the scVI peer: each benchmark data set x each grid likelihood scVI has."""
+    if not scvi_enabled():
+        return []
+    liks = [l for l in config["gridsearch"]["likelihoods"] if l in SCVI_LIKELIHOODS]
+    return [(d, l) for d in config["benchmark"]["datasets"] for l in liks]
+
+
+def scanpy_enabled():
+    return config["benchmark"]["peers"].get("scanpy") is not None
+
+
+def benchmark_inputs(wildcards):
+    """Every file the benchmark table reads: scvae-torch's test metrics, clustering scores, peers, benchmarks."""
+    g = config["gridsearch"]
+    inputs = {"tests": [], "train_bench": [], "scores": [], "scvi": [], "scvi_bench": [], "scanpy": [], "scanpy_bench": []}
+    for d in config["benchmark"]["datasets"]:
+        for m in g["models"]:
+            for l in g["likelihoods"]:
+                inputs["tests"].append(f"{model_dir('models', d, f'{m}-{l}')}/test_metrics.json")
+                inputs["train_bench"].append(f"results/benchmarks/models/{d}/{m}-{l}.tsv")
+        inputs["scores"].append(f"results/clustering/{d}/scores.tsv")
+        if scanpy_enabled():
+            inputs["scanpy"].append(f"results/peers/{d}/scanpy/metrics.json")
+            inputs["scanpy_bench"].append(f"results/benchmarks/peers/{d}/scanpy.tsv")
+    for d, l in scvi_runs():
+        inputs["scvi"].append(f"results/peers/{d}/scvi-{l}/metrics.json")
+        inputs["scvi_bench"].append(f"results/benchmarks/peers/{d}/scvi-{l}.tsv")
+    return inputs

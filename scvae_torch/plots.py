@@ -280,3 +280,38 @@ def figure5(scores: str, latents: dict[str, str], png: str, pdf: str | None = No
     fig.suptitle("GMVAE ablation: no y-regularisation vs KL vs cross-entropy with the true labels")
     save(fig, png, pdf)
     return fig
+
+
+def benchmark(table: str, png: str, pdf: str | None = None) -> Figure:
+    """The real-data benchmark: test ELBO per cell (likelihood models) and ARI on test cells, per data set.
+
+    table is results/tables/benchmark.tsv; one group of bars per data set, one bar per method and likelihood
+    (ELBO) or per method and clustering (ARI).
+    """
+    t = pd.read_csv(table, sep="\t")
+    datasets = list(dict.fromkeys(t["dataset"]))
+    # ELBOs of different data sets differ by orders of magnitude: each is drawn relative to its data set's best
+    t["elbo_gap"] = t["test_elbo"] - t.groupby("dataset")["test_elbo"].transform("max")
+    fig = Figure(layout="constrained", figsize=(max(8.0, 3.2 * len(datasets)), 7.0))
+    ax_elbo, ax_ari = fig.subplots(2, 1)
+    panels = [
+        (ax_elbo, t[t["test_elbo"].notna()], lambda r: f"{r.method} {r.likelihood}", "elbo_gap",
+         "test ELBO per cell\nminus the data set's best"),
+        (ax_ari, t[t["ari"].notna()], lambda r: f"{r.method}: {r.clustering}" + (
+            f" ({r.likelihood})" if r.likelihood != "-" else ""), "ari", "ARI on test cells"),
+    ]
+    for ax, rows, name, column, label in panels:
+        keys = list(dict.fromkeys(name(r) for r in rows.itertuples()))
+        width = 0.8 / max(len(keys), 1)
+        for i, key in enumerate(keys):
+            values = [next((getattr(r, column) for r in rows.itertuples() if r.dataset == d and name(r) == key),
+                           np.nan) for d in datasets]
+            x = np.arange(len(datasets)) + (i - (len(keys) - 1) / 2) * width
+            ax.bar(x, values, width, label=key, color=_tab20(i))
+        ax.set_xticks(np.arange(len(datasets)), datasets)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7, ncols=2, loc="best")
+    ax_ari.set_ylim(min(0.0, float(t["ari"].min())) - 0.05 if t["ari"].notna().any() else 0, 1.05)
+    fig.suptitle("scvae-torch against scVI and the scanpy route (same genes and split)")
+    save(fig, png, pdf)
+    return fig

@@ -87,7 +87,9 @@ def _instance_at(config: dict, path: tuple):
     (), ("split",), ("model",), ("training",), ("training", "resources"), ("gridsearch",),
     ("gridsearch", "resources"), ("evaluation",), ("clustering",), ("figures",), ("figures", "figure2"),
     ("figures", "figure5"), ("datasets", "sim-sc"), ("datasets", "sim-sc", "simulate"),
-    ("datasets", "local", "file"), ("datasets", "web", "download"),
+    ("datasets", "local", "file"), ("datasets", "web", "download"), ("benchmark",), ("benchmark", "peers"),
+    ("benchmark", "peers", "scvi"), ("benchmark", "peers", "scvi", "resources"), ("benchmark", "peers", "scanpy"),
+    ("benchmark", "peers", "scanpy", "resources"),
 ])
 def test_misspelt_key_is_refused_naming_it(path):
     config = _config_with_every_section()
@@ -102,7 +104,10 @@ def test_misspelt_key_test_covers_every_object_of_the_schema():
     """The parametrised test above reaches every object the schema defines (apart from data set names)."""
     covered = {(), ("split",), ("model",), ("training",), ("training", "resources"), ("gridsearch",),
                ("gridsearch", "resources"), ("evaluation",), ("evaluation", "resources"), ("clustering",),
-               ("figures",), ("figures", "figure2"), ("figures", "figure3"), ("figures", "figure5")}
+               ("figures",), ("figures", "figure2"), ("figures", "figure3"), ("figures", "figure5"),
+               ("benchmark",), ("benchmark", "peers"), ("benchmark", "peers", "scvi"),
+               ("benchmark", "peers", "scvi", "resources"), ("benchmark", "peers", "scanpy"),
+               ("benchmark", "peers", "scanpy", "resources")}
     top = {p for p in object_paths(SCHEMA) if not p or p[0] != "datasets"}
     assert top <= covered, f"objects not covered: {top - covered}"
 
