@@ -4,7 +4,7 @@ Usage:
   SCVAE_SHARED_DATA=../shared/data python benchmarks/defaults_study.py [--sets mouse_bladder_2100,...]
       [--variants old,new,...] [--model vae] [--likelihood nb] [--seeds 0] [--threads 2] [--out FILE.tsv]
 
-Each (data set, variant, seed) trains `scvae_torch.SCVAE` on the 81/9/10 split (seeded) and prints one row:
+Each (data set, variant, seed) keeps the --top-genes most informative genes (binomial deviance), trains `scvae_torch.SCVAE` on the 81/9/10 split (seeded) and prints one row:
 the test ELBO per cell, the importance-weighted log-likelihood (--iw samples) on the test cells, the ARI/AMI of
 k-means (k = number of labels) on the latent of all cells and, for a GMVAE, of its own clusters, the epochs
 run and the seconds. Data sets: the shared labelled sets in the MTX layout (read by the project's reader,
@@ -39,7 +39,7 @@ VARIANTS = {
 }
 
 
-def load(name: str):
+def load(name: str, top_genes: int | None = None):
     """An AnnData (raw counts, obs['label']) of a shared set or a simulation."""
     import anndata as ad
     import scipy.sparse as sp
@@ -59,6 +59,11 @@ def load(name: str):
         counts = read_mtx(os.path.join(folder, f"{name}.counts.mtx.gz"), labels="cell_type")
         X, labels, cells, genes = counts.X, counts.labels, counts.cells, counts.genes
     keep = np.asarray(X.sum(0)).ravel() > 0
+    if top_genes and keep.sum() > top_genes:  # the most informative genes (binomial deviance), as prepare does
+        from scvae_torch.genes import top_genes as top
+
+        keep = np.zeros(X.shape[1], bool)
+        keep[top(X.tocsr(), top_genes)] = True
     adata = ad.AnnData(X[:, keep].tocsr())
     adata.obs_names = np.asarray(cells, dtype=str)
     adata.var_names = np.asarray(genes, dtype=str)[keep]
@@ -105,6 +110,7 @@ def main() -> None:
     p.add_argument("--likelihood", default="nb")
     p.add_argument("--components", type=int, default=None, help="GMVAE K (default: number of labels)")
     p.add_argument("--seeds", default="0")
+    p.add_argument("--top-genes", type=int, default=2000, help="keep this many genes by binomial deviance (0: all)")
     p.add_argument("--iw", type=int, default=100, help="importance samples for the test log-likelihood (0: off)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="also append the rows to this TSV")
@@ -116,7 +122,7 @@ def main() -> None:
     print(f"# load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}; {args.threads} threads", flush=True)
     header = None
     for name in args.sets.split(","):
-        adata = load(name)
+        adata = load(name, args.top_genes)
         for variant in args.variants.split(","):
             for seed in map(int, args.seeds.split(",")):
                 row = {"dataset": name, "cells": adata.n_obs, "genes": adata.n_vars, "model": args.model,
