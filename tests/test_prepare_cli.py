@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from test_data import V2, V2_MULTI, V3, V3_MEX, make_adata, random_counts, shared_data, write_10x_v2, write_named_mtx
 
 from scvae_torch import cli, data
-from test_data import V2, V2_MULTI, V3, V3_MEX, make_adata, random_counts, shared_data, write_10x_v2, write_named_mtx
 
 
 def run(capsys, *argv) -> tuple[int, str]:
