@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from reliability_support import GUARANTEE, REFUSAL, ROOT, assert_one_line_error, cases, run_main
+
 from scvae_torch import download
 from scvae_torch.download import DownloadError, fetch
 from scvae_torch.training import TrainingError, load_checkpoint
@@ -190,7 +190,7 @@ def test_only_http_downloads_even_after_a_redirect(tmp_path, server, target, rou
     dest = tmp_path / "raw.h5"
     refused = "only http:// and https://|Redirection to url .* is not allowed"  # ours, or urllib's own check
     with pytest.raises(DownloadError, match=refused):
-        fetch(url, dest, retries=0, timeout=5)
+        fetch(url, dest, retries=0, timeout=60)
     assert list(tmp_path.iterdir()) == []
     done = run_main("download", url, "--out", str(dest), "--retries", "0")
     assert re.search(refused, assert_one_line_error(done, target, code=2))
@@ -208,10 +208,10 @@ def test_a_download_is_verified_before_it_takes_its_name(tmp_path, server, monke
     good = hashlib.sha256(PAYLOAD).hexdigest()
     dest = tmp_path / "raw.h5"
     with pytest.raises(DownloadError, match="sha256 mismatch"):
-        fetch(f"{server}/data", dest, sha256="0" * 64, retries=0, timeout=5)
+        fetch(f"{server}/data", dest, sha256="0" * 64, retries=0, timeout=60)
     assert events == [("verify",)] and list(tmp_path.iterdir()) == []
     events.clear()
-    assert fetch(f"{server}/data", dest, sha256=good, retries=0, timeout=5) == good
+    assert fetch(f"{server}/data", dest, sha256=good, retries=0, timeout=60) == good
     assert events == [("verify",), ("rename", "raw.h5")] and dest.read_bytes() == PAYLOAD
     cases(2)
 
