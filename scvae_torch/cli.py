@@ -51,7 +51,7 @@ def _int_list(text: str) -> list[int]:
 
 # --- prepare --------------------------------------------------------------------------------------
 
-_SPLIT_FRACTIONS = ",".join(f"{f:g}" for f in DEFAULT_FRACTIONS)
+_SPLIT_FRACTIONS = ",".join(f"{f:.2f}" for f in DEFAULT_FRACTIONS)
 
 
 def _non_negative_int(text: str) -> int:

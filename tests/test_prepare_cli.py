@@ -160,11 +160,6 @@ def test_help_documents_every_option_with_its_default(capsys):
     assert "(default: 0.81,0.09,0.10)" in text and "(default: auto)" in text
 
 
-def test_cli_defaults_mirror_the_library():
-    assert cli._FORMATS == data.FORMATS
-    assert cli._fractions(cli._SPLIT_FRACTIONS) == data.DEFAULT_FRACTIONS
-
-
 # --- bad inputs -----------------------------------------------------------------------------------
 
 def _h5ad(tmp: Path, X, names=None) -> Path:

@@ -18,8 +18,6 @@ from .validation import Counts, _error
 log = logging.getLogger(__name__)
 
 
-
-
 def detect_format(path: str) -> str:
     """Guess the input format from the path (folder, suffix) and, for HDF5, its contents."""
     p = Path(path)

@@ -18,8 +18,6 @@ from .validation import Counts, _error
 log = logging.getLogger(__name__)
 
 
-
-
 def _10x_bytes_in_memory(path: str, genome: str | None) -> int:
     """What the in-memory reader would hold of a 10x HDF5 file's matrix: float32 values and int32 indices."""
     with _open_hdf5(path) as f:
