@@ -94,7 +94,7 @@ def _calls(tree: ast.AST):
             yield node, ast.unparse(node.func)
 
 
-PYTHON_FILES = sorted([*(ROOT / "scvae_torch").glob("*.py"), *(ROOT / "workflow_scripts").glob("*.py")])
+PYTHON_FILES = sorted([*(ROOT / "scvae_torch").rglob("*.py"), *(ROOT / "workflow_scripts").glob("*.py")])
 
 
 UNPICKLERS = ("pickle.load", "pickle.loads", "pickle.Unpickler", "dill.", "joblib.load", "pd.read_pickle",
@@ -112,7 +112,7 @@ def test_every_torch_load_is_weights_only_and_nothing_else_unpickles():
                 loads.append(path.name)
             assert not name.startswith(UNPICKLERS), f"{path.name}: {ast.unparse(call)}"
             assert keywords.get("allow_pickle") != "True", f"{path.name}: {ast.unparse(call)}"
-    assert loads == ["training.py"], loads  # one loader: load_checkpoint
+    assert loads == ["checkpoints.py"], loads  # one loader: load_checkpoint
 
 
 # ---- no shell --------------------------------------------------------------------------------------
