@@ -49,10 +49,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:  # rename() leaves both names when they are links to one file (a copy_file onto its own hard link)
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        raise
 
 
 def _naming(path: str | os.PathLike, err: OSError) -> OSError:
