@@ -154,12 +154,21 @@ class VAE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = MLP(cfg.n_features, cfg.encoder, cfg.batch_norm, cfg.dropout)
+        # Built in this order (the GMVAE's parts in between), so a seed gives the same initial weights.
+        self.encoder = self._build_encoder()
         self.z_mu = nn.Linear(self.encoder.n_out, cfg.latent)
         self.z_logvar = nn.Linear(self.encoder.n_out, cfg.latent)
+        self._build_prior()
         self.decoder = Decoder(cfg)
         # A compiled distributions.dense_zero_part, set by training's `compile` option (None: eager).
         self.zero_part: Callable | None = None
+
+    def _build_encoder(self) -> MLP:
+        """The MLP whose output gives the mean and log-variance of q(z|x)."""
+        return MLP(self.cfg.n_features, self.cfg.encoder, self.cfg.batch_norm, self.cfg.dropout)
+
+    def _build_prior(self) -> None:
+        """Parameters of p(z): none, it is N(0, I)."""
 
     def _input(self, x: Tensor) -> Tensor:
         return encoder_input(x, self.cfg.log1p_input)
@@ -224,13 +233,12 @@ class GMVAE(VAE):
       ELBO = sum_y q(y|x) [E_q(z|x,y) log p(x|z) - KL(q(z|x,y) || p(z|y))] - KL(q(y|x) || p(y)).
     """
 
-    def __init__(self, cfg: ModelConfig):
-        nn.Module.__init__(self)
-        self.cfg = cfg
-        K, L = cfg.components, cfg.latent
+    def _build_encoder(self) -> MLP:
+        """q(y|x), and the MLP of q(z|x,y) on [x, onehot(y)], whose first linear layer is split so that x is
+        multiplied once: that layer is z_first (+ z_first_rest), the rest is returned."""
+        cfg, K = self.cfg, self.cfg.components
         self.y_encoder = MLP(cfg.n_features, cfg.encoder, cfg.batch_norm, cfg.dropout)
         self.y_logits = nn.Linear(self.y_encoder.n_out, K)
-        # q(z|x,y): an MLP on [x, onehot(y)]; its first linear layer is split so x is multiplied once.
         self.z_first = nn.Linear(cfg.n_features + K, cfg.encoder[0])
         rest: list[nn.Module] = []
         if cfg.batch_norm:
@@ -239,14 +247,13 @@ class GMVAE(VAE):
         if cfg.dropout > 0:
             rest.append(nn.Dropout(cfg.dropout))
         self.z_first_rest = nn.Sequential(*rest)
-        self.encoder = MLP(cfg.encoder[0], cfg.encoder[1:], cfg.batch_norm, cfg.dropout)
-        self.z_mu = nn.Linear(self.encoder.n_out, L)
-        self.z_logvar = nn.Linear(self.encoder.n_out, L)
-        # p(z|y): on a one-hot input an MLP is a lookup table of per-component means and log-variances.
+        return MLP(cfg.encoder[0], cfg.encoder[1:], cfg.batch_norm, cfg.dropout)
+
+    def _build_prior(self) -> None:
+        """p(z|y): on a one-hot input an MLP is a lookup table of per-component means and log-variances."""
+        K, L = self.cfg.components, self.cfg.latent
         self.prior_mu = nn.Parameter(torch.randn(K, L))
         self.prior_logvar = nn.Parameter(torch.zeros(K, L))
-        self.decoder = Decoder(cfg)
-        self.zero_part: Callable | None = None  # as in VAE
 
     def y_log_probs(self, x: Tensor) -> Tensor:
         """log q(y|x), shape (cells, K)."""
