@@ -229,7 +229,7 @@ def test_cli_defaults_are_the_library_defaults():
 
 def test_every_model_option_is_configurable():
     """Every ModelConfig option except those set per run (architecture, model, likelihood) is in the schema."""
-    per_run = {"n_features", "model", "likelihood", "encoder", "decoder", "latent"}
+    per_run = {"n_features", "model", "likelihood", "encoder", "decoder", "latent", "batches"}  # batches: from data
     assert MODEL_KEYS - per_run <= set(schema_defaults("model")), MODEL_KEYS - per_run - set(schema_defaults("model"))
 
 
