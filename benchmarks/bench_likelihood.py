@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-
 import warnings
 
 import torch

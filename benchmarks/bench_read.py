@@ -115,7 +115,8 @@ def main() -> None:
             print(f"simulated {args.cells} x {args.genes} v2 file, {nnz:,} non-zeros "
                   f"({100 * (1 - nnz / (args.cells * args.genes)):.2f}% zeros), {os.path.getsize(path) / MB:.0f} MiB "
                   f"on disk, in {time.perf_counter() - t0:.1f} s")
-        modes = (("read",) if args.no_prepare else ("read", "prepare")) + (("prepare-streamed",) if args.streamed else ())
+        modes = (("read",) if args.no_prepare else ("read", "prepare")) + \
+            (("prepare-streamed",) if args.streamed else ())
         for mode in modes:
             out = subprocess.run([sys.executable, __file__, "--measure", mode, "--file", path],
                                  check=True, capture_output=True, text=True).stdout

@@ -4,7 +4,8 @@ Usage:
   SCVAE_SHARED_DATA=../shared/data python benchmarks/defaults_study.py [--sets mouse_bladder_2100,...]
       [--variants old,new,...] [--model vae] [--likelihood nb] [--seeds 0] [--threads 2] [--out FILE.tsv]
 
-Each (data set, variant, seed) keeps the --top-genes most informative genes (binomial deviance), trains `scvae_torch.SCVAE` on the 81/9/10 split (seeded) and prints one row:
+Each (data set, variant, seed) keeps the --top-genes most informative genes (binomial deviance), trains
+`scvae_torch.SCVAE` on the 81/9/10 split (seeded) and prints one row:
 the test ELBO per cell, the importance-weighted log-likelihood (--iw samples) on the test cells, the ARI/AMI of
 k-means (k = number of labels) on the latent of all cells and, for a GMVAE, of its own clusters, the epochs
 run and the seconds. Data sets: the shared labelled sets in the MTX layout (read by the project's reader,

@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                                               **json.loads(args.options)).items():
                 rows.append({"dataset": name, "method": method, "seed": seed, **result["scores"],
                              "seconds": round(result["seconds"], 1)})
-                print(f"{name}\t{method}\tseed {seed}\t" + "\t".join(f"{k} {v:.3f}" for k, v in result["scores"].items()),
-                      file=sys.stderr, flush=True)
+                scores = "\t".join(f"{k} {v:.3f}" for k, v in result["scores"].items())
+                print(f"{name}\t{method}\tseed {seed}\t{scores}", file=sys.stderr, flush=True)
     table = pd.DataFrame(rows)
     if args.out:
         table.to_csv(args.out, sep="\t", index=False, float_format="%.4f")

@@ -1,12 +1,21 @@
 # Helpers shared by the rules: config checks the schema cannot express, run lists, architecture ids,
 # the grid winner (read from the table2 checkpoint) and the final target list. No model logic here.
 
+import sys
+
 import jsonschema
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-MODELS = ["vae", "gmvae"]
-LIKELIHOODS = ["poisson", "nb", "zip", "zinb"]
+try:  # the choices are the library's (scvae_torch.config): installed, or imported from this checkout
+    import scvae_torch.config
+except ImportError:
+    sys.path.insert(0, workflow.basedir)
+    import scvae_torch.config
+
+MODELS = scvae_torch.config.MODELS
+LIKELIHOODS = scvae_torch.config.LIKELIHOODS
+Y_REGULARISATIONS = scvae_torch.config.Y_REGULARISATIONS
 SIMULATE_KEYS = {
     "poisson-check": {"kind", "n_cells", "n_features", "seed"},
     "gmvae-mixture": {"kind", "n_cells", "n_features", "n_clusters", "seed"},
@@ -21,9 +30,9 @@ wildcard_constraints:
     model="|".join(MODELS),
     likelihood="|".join(LIKELIHOODS),
     arch=r"e\d+(?:-\d+)*_d\d+(?:-\d+)*_l\d+",
-    reg="none|kl|supervised",
+    reg="|".join(Y_REGULARISATIONS),
     group="models|ablation",
-    run=r"(?:vae|gmvae)-(?:poisson|nb|zip|zinb)(?:-y(?:none|kl|supervised))?",
+    run=rf"(?:{'|'.join(MODELS)})-(?:{'|'.join(LIKELIHOODS)})(?:-y(?:{'|'.join(Y_REGULARISATIONS)}))?",
 
 
 def canonical(value):

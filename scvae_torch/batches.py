@@ -13,12 +13,15 @@ import collections
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    import h5py
 
 # Streaming: cells are read in blocks of this many contiguous cells; an epoch visits the blocks in a
 # seeded random order, BLOCKS_PER_CHUNK blocks at a time, with the cells of those blocks shuffled together.
@@ -163,7 +166,7 @@ def fits_on_gpu(nbytes: int, device: torch.device) -> bool:
     return nbytes <= GPU_RESIDENT_SHARE * free
 
 
-def _csr_group(path: str, f) -> "h5py.Group":
+def _csr_group(path: str, f) -> h5py.Group:
     """The X group of an h5ad file, checked to be a CSR matrix."""
     import h5py
 
@@ -242,9 +245,9 @@ class StreamSource:
     """Minibatches read from an h5ad file's CSR X (X/data, X/indices, X/indptr) without loading it.
 
     Memory: the row offsets (8 bytes per cell) and a cache of 2 x BLOCKS_PER_CHUNK blocks of BLOCK_CELLS
-    cells (more only when one minibatch spans more blocks), whatever the number of cells. An epoch visits blocks of contiguous cells in a seeded random
-    order, BLOCKS_PER_CHUNK blocks at a time with their cells shuffled together, so that each block is
-    read once per epoch.
+    cells (more only when one minibatch spans more blocks), whatever the number of cells. An epoch visits
+    blocks of contiguous cells in a seeded random order, BLOCKS_PER_CHUNK blocks at a time with their cells
+    shuffled together, so that each block is read once per epoch.
     """
 
     def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu",

@@ -5,6 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import (
+    DEFAULT_FRACTIONS,
+    DEVICES,
+    DISPERSIONS,
+    FORMATS,
+    IW_SAMPLES,
+    LIKELIHOODS,
+    MODELS,
+    PRECISIONS,
+    SIMULATIONS,
+    STREAM_ABOVE_GB,
+    STREAMING,
+    SUBSETS,
+    Y_REGULARISATIONS,
+)
+
 
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (no usage dump); --help still shows everything."""
@@ -15,6 +31,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 class UsageError(Exception):
     """A bad argument; reported as one line, exit status 2."""
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    """'a, b or c' for help texts."""
+    return ", ".join(values[:-1]) + " or " + values[-1] if len(values) > 1 else values[0]
 
 
 def _int_list(text: str) -> list[int]:
@@ -30,8 +51,7 @@ def _int_list(text: str) -> list[int]:
 
 # --- prepare --------------------------------------------------------------------------------------
 
-_FORMATS = ("auto", "10x-h5", "h5ad", "mtx")   # scvae_torch.data.FORMATS (kept here so --help stays fast)
-_SPLIT_FRACTIONS = "0.81,0.09,0.10"            # scvae_torch.data.DEFAULT_FRACTIONS
+_SPLIT_FRACTIONS = ",".join(f"{f:.2f}" for f in DEFAULT_FRACTIONS)
 
 
 def _non_negative_int(text: str) -> int:
@@ -80,7 +100,6 @@ class _StderrLog:
         self.level, self.show = self.logger.level, level
 
     def __enter__(self):
-        import logging
 
         self.logger.addHandler(self.handler)
         self.logger.setLevel(self.show)
@@ -103,7 +122,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="10x Cell Ranger .h5 (v2 or v3), AnnData .h5ad, 10x MEX folder (matrix.mtx[.gz], "
                         "features.tsv[.gz]/genes.tsv[.gz], barcodes.tsv[.gz]) or NAME.counts.mtx[.gz] with "
                         "NAME.genes.tsv[.gz] and NAME.cells.tsv[.gz] next to it")
-    p.add_argument("--format", choices=_FORMATS, default="auto",
+    p.add_argument("--format", choices=FORMATS, default="auto",
                    help="input format; auto: a folder or .mtx[.gz] is mtx, .h5ad (or HDF5 with obs/var) is h5ad, "
                         "other HDF5 is 10x-h5")
     p.add_argument("--genome", default=None,
@@ -127,12 +146,12 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-genes", type=_positive_int, default=None, metavar="N",
                    help="then keep the N genes of highest binomial deviance (Townes et al. 2019), in their order; "
                         "recorded in uns['scvae_prepare'] and var['binomial_deviance'] (default: keep all)")
-    p.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--stream", choices=STREAMING, default="auto",
                    help="10x HDF5: convert block by block of cells, in memory that does not grow with the number "
                         "of cells (two passes over the file); auto: when the matrix would take more than "
                         "--stream-above-gb in memory")
-    p.add_argument("--stream-above-gb", type=float, default=4.0, metavar="G",
-                   help="size above which --stream auto converts block by block (scvae_torch.data.STREAM_ABOVE_GB)")
+    p.add_argument("--stream-above-gb", type=float, default=STREAM_ABOVE_GB, metavar="G",
+                   help="size above which --stream auto converts block by block")
     p.add_argument("--out", required=True, metavar="COUNTS.h5ad", help="canonical AnnData file to write")
     p.add_argument("--summary", default=None, metavar="SUMMARY.json",
                    help="also write cells, genes, non-zeros, sparsity %%, labels and cells per label as JSON")
@@ -178,7 +197,6 @@ def _check_split(split, fractions: tuple[float, float, float], path: str, strati
     warn, naming what it means later, about an empty validation or test subset."""
     import logging
 
-    from .data import SUBSETS
     from .provenance import check_split_sizes
 
     sizes = {name: int((split.to_numpy() == name).sum()) for name in SUBSETS}
@@ -203,7 +221,8 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="FILE", help="where to write the file")
     p.add_argument("--sha256", default=None, help="expected sha256 (hex)")
     p.add_argument("--md5", default=None, help="expected md5 (hex)")
-    p.add_argument("--retries", type=_non_negative_int, default=3, help="retries after a server error or dropped connection")
+    p.add_argument("--retries", type=_non_negative_int, default=3,
+                   help="retries after a server error or dropped connection")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server on each read")
     p.add_argument("--list", action="store_true", help="list the registered data sets and exit")
     p.set_defaults(func=_cmd_download)
@@ -233,7 +252,6 @@ def _cmd_download(args: argparse.Namespace) -> None:
 
 # --- simulate -------------------------------------------------------------------------------------
 
-_SIM_KINDS = ("poisson-check", "gmvae-mixture", "single-cell")
 # mirrors the defaults of scvae_torch.simulate (tests/test_simulate.py checks they agree), so --help stays fast
 _SIM_DEFAULTS = {"poisson-check": {"cells": 2000, "genes": 10},
                  "gmvae-mixture": {"cells": 10000, "genes": 10, "types": 5},
@@ -272,14 +290,14 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                                    "with cell types, marker genes, heavy-tailed gene means and library sizes; "
                                    "labels type0, type1, ...")
     d = _SIM_DEFAULTS
-    p.add_argument("kind", metavar="KIND", choices=_SIM_KINDS, help="one of " + ", ".join(_SIM_KINDS))
+    p.add_argument("kind", metavar="KIND", choices=SIMULATIONS, help="one of " + ", ".join(SIMULATIONS))
     p.add_argument("--out", required=True, metavar="COUNTS.h5ad", default=argparse.SUPPRESS,
                    help="canonical AnnData file to write")
     p.add_argument("--cells", type=_positive_int, metavar="N", default=argparse.SUPPRESS,
-                   help="number of cells (default: " + ", ".join(f"{d[k]['cells']} {k}" for k in _SIM_KINDS) + ")")
+                   help="number of cells (default: " + ", ".join(f"{d[k]['cells']} {k}" for k in SIMULATIONS) + ")")
     p.add_argument("--genes", type=_positive_int, metavar="G", default=argparse.SUPPRESS,
                    help="number of genes (features) (default: " +
-                        ", ".join(f"{d[k]['genes']} {k}" for k in _SIM_KINDS) + ")")
+                        ", ".join(f"{d[k]['genes']} {k}" for k in SIMULATIONS) + ")")
     p.add_argument("--types", type=_positive_int, metavar="K", default=argparse.SUPPRESS,
                    help=f"gmvae-mixture: mixture components and k-means clusters (default: "
                         f"{d['gmvae-mixture']['types']}); single-cell: cell types (default: "
@@ -293,28 +311,15 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_simulate)
 
 
-def _write_json_atomic(obj: dict, path: str) -> None:
-    """Write obj as JSON to path via a temporary file and a rename, so path is never half-written."""
-    import json
-    import os
-
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as handle:
-            json.dump(obj, handle)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _cmd_simulate(args: argparse.Namespace) -> None:
+    import json
     import os
 
     import numpy as np
 
     from . import simulate
     from .data import Counts, write_canonical
+    from .io.atomic import write_text
 
     given = {k: getattr(args, k) for k in ("cells", "genes", "types", "sparsity", "batches") if hasattr(args, k)}
     unused = sorted(set(given) - set(_SIM_DEFAULTS[args.kind]))
@@ -340,7 +345,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     # truth first: a finished counts file always has its truth next to it
     truth_path = args.out + ".truth.json"
     try:
-        _write_json_atomic({"kind": args.kind, "seed": args.seed, **options, "truth": sim.truth_json()}, truth_path)
+        write_text(truth_path, json.dumps({"kind": args.kind, "seed": args.seed, **options, "truth": sim.truth_json()}))
         write_canonical(Counts(sim.X, genes, cells, sim.labels, batch=sim.batch), args.out)
     except OSError as err:
         raise UsageError(f"cannot write {err.filename or args.out}: {err.strerror or err}") from None
@@ -358,30 +363,33 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a VAE / GMVAE, or resume the run in --out",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="canonical counts .h5ad (from `prepare` or `simulate`)")
-    p.add_argument("--split", default=None, help="split.tsv (cell, subset); default: a seeded 81/9/10 split saved in --out")
+    p.add_argument("--split", default=None,
+                   help="split.tsv (cell, subset); default: a seeded 81/9/10 split saved in --out")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, history.tsv, metrics.json")
-    p.add_argument("--model", default=m.model, help="vae or gmvae")
-    p.add_argument("--likelihood", default=m.likelihood, help="poisson, nb, zip or zinb")
+    p.add_argument("--model", default=m.model, help=_one_of(MODELS))
+    p.add_argument("--likelihood", default=m.likelihood, help=_one_of(LIKELIHOODS))
     p.add_argument("--encoder", type=_int_list, default=m.encoder, help="encoder hidden layer sizes, e.g. 100,250")
     p.add_argument("--decoder", type=_int_list, default=m.decoder, help="decoder hidden layer sizes, e.g. 250,100")
     p.add_argument("--latent", type=int, default=m.latent, help="latent dimension")
     p.add_argument("--components", type=int, default=m.components, help="mixture components K (GMVAE)")
     p.add_argument("--dispersion", default=m.dispersion,
-                   help="NB dispersion: gene (one per gene), gene-batch (per gene and batch; needs --batch) or "
-                        "gene-cell (decoder output)")
+                   help=f"NB dispersion: {_one_of(DISPERSIONS)} (one per gene, a decoder output per cell, or one "
+                        "per gene and batch, which needs --batch)")
     p.add_argument("--batch", action="store_true",
                    help="condition the model on the batch in the file's obs['batch'] (batch correction; "
                         "`prepare --batch COLUMN` writes it)")
     p.add_argument("--batch-encoder", action="store_true", default=m.batch_encoder,
                    help="with --batch: the encoders see the batch too (the decoder always does)")
     p.add_argument("--dropout", type=float, default=m.dropout, help="dropout rate on hidden layers")
-    p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false", help="turn off batch norm on hidden layers")
+    p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false",
+                   help="turn off batch norm on hidden layers")
     p.add_argument("--raw-input", dest="log1p_input", action="store_false", default=m.log1p_input,
                    help="feed the raw counts to the encoders instead of log(1+x)")
     p.add_argument("--log1p-input", dest="log1p_input", action="store_true",
                    help="feed log(1+x) to the encoders (the default)")
     p.add_argument("--library-size", action="store_true", help="decoder mean = library size x softmax over genes")
-    p.add_argument("--y-regularisation", default=m.y_regularisation, help="GMVAE y term: kl, none, or supervised (needs labels)")
+    p.add_argument("--y-regularisation", default=m.y_regularisation,
+                   help=f"GMVAE y term: {_one_of(Y_REGULARISATIONS)} (supervised needs labels)")
     p.add_argument("--free-nats", type=float, default=m.free_nats, help="free nats for the KL terms")
     p.add_argument("--epochs", type=int, default=t.epochs,
                    help="most epochs (a resumed run continues up to this); default: from the number of cells, "
@@ -399,11 +407,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "min(10, epochs / 3)")
     p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every, help="epochs between checkpoints")
     p.add_argument("--seed", type=int, default=t.seed, help="random seed (split, initialisation, minibatches)")
-    p.add_argument("--device", default=t.device, help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--device", default=t.device, help=f"{_one_of(DEVICES)} (auto: CUDA when available)")
     p.add_argument("--threads", type=int, default=t.threads, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--precision", default=t.precision,
-                   help="float32, or bfloat16 autocast for the MLPs (likelihood sums stay float32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the likelihood's dense x = 0 part (eager where unavailable)")
+                   help=f"{_one_of(PRECISIONS)}: bfloat16 autocasts the MLPs (likelihood sums stay float32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the likelihood's dense x = 0 part (eager where unavailable)")
     p.add_argument("--stream", default=t.stream,
                    help="on: read minibatches from the h5ad file (out-of-core); off: load it; auto: on above "
                         "--stream-above-gb")
@@ -412,7 +421,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train)
 
 
-def _model_train_configs(args: argparse.Namespace) -> tuple[dict, "object"]:
+def _model_train_configs(args: argparse.Namespace) -> tuple[dict, object]:
     """Split parsed train arguments into a model-config dict and a TrainConfig; bad values -> UsageError."""
     from .config import ModelConfig, TrainConfig
 
@@ -467,13 +476,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="canonical counts .h5ad the model was trained on")
     p.add_argument("--split", default=None, help="split.tsv; default: the one saved in DIR")
     p.add_argument("--out", required=True, help="folder for metrics.json, latent.h5ad, feature_means.tsv")
-    p.add_argument("--iw-samples", type=int, default=100, help="importance samples for log p(x)")
+    p.add_argument("--iw-samples", type=int, default=IW_SAMPLES, help="importance samples for log p(x)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the Monte-Carlo estimates")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help=_one_of(DEVICES))
     from .config import TrainConfig
 
     t = TrainConfig()
-    p.add_argument("--stream", default=t.stream, choices=("auto", "on", "off"),
+    p.add_argument("--stream", default=t.stream, choices=STREAMING,
                    help="read the counts from the file minibatch by minibatch (on), hold them in memory (off), or "
                         "stream above --stream-above-gb (auto), as `train` does")
     p.add_argument("--stream-above-gb", type=float, default=t.stream_above_gb,

@@ -1,4 +1,6 @@
-"""Model and training settings with their defaults (mirrored by config/schema.yaml and the CLI); no torch here."""
+"""The one source of the package's choices and defaults: models, likelihoods, input formats, splits, and the
+model and training settings. config/schema.yaml repeats them for the pipeline (tests/test_config.py checks that
+they are equal); the CLI reads its defaults from here. No torch and no data libraries are imported here."""
 
 from __future__ import annotations
 
@@ -11,6 +13,12 @@ Y_REGULARISATIONS: tuple[str, ...] = ("kl", "none", "supervised")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
 STREAMING: tuple[str, ...] = ("auto", "on", "off")
+FORMATS: tuple[str, ...] = ("auto", "10x-h5", "h5ad", "mtx")  # input formats of `prepare` (auto: detected)
+SIMULATIONS: tuple[str, ...] = ("poisson-check", "gmvae-mixture", "single-cell")  # scvae_torch.simulate's sets
+SUBSETS: tuple[str, ...] = ("train", "validation", "test")
+DEFAULT_FRACTIONS: tuple[float, float, float] = (0.81, 0.09, 0.10)  # of the cells in train, validation, test
+STREAM_ABOVE_GB = 4.0  # in-memory size (GiB) of the counts above which `prepare` and training go block by block
+IW_SAMPLES = 100  # importance samples for the test log-likelihood
 
 
 def _refuse_failed(checks: list[tuple[bool, str]]) -> None:
@@ -80,7 +88,7 @@ class ModelConfig:
         return len(self.batches)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
+    def from_dict(cls, values: dict) -> ModelConfig:
         """Build from a dict, refusing unknown keys."""
         return _from_dict(cls, values, "model")
 
@@ -109,7 +117,7 @@ class TrainConfig:
     precision: str = "float32"  # float32 | bfloat16 (autocast for the MLPs; likelihood sums stay float32)
     compile: bool = False       # torch.compile the likelihood's dense x = 0 part (eager where unavailable)
     stream: str = "auto"        # on: read minibatches from the h5ad file; off: load it; auto: on above stream_above_gb
-    stream_above_gb: float = 4.0  # in-memory size (GiB) of the count matrix above which stream=auto streams
+    stream_above_gb: float = STREAM_ABOVE_GB  # in-memory size (GiB) of the count matrix above which stream=auto streams
 
     def __post_init__(self) -> None:
         checks = [
@@ -131,11 +139,11 @@ class TrainConfig:
         _refuse_failed(checks)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         """Build from a dict, refusing unknown keys."""
         return _from_dict(cls, values, "training")
 
-    def resolved(self, n_cells: int, model: str) -> "TrainConfig":
+    def resolved(self, n_cells: int, model: str) -> TrainConfig:
         """A copy with the data-dependent defaults filled in: epochs from the number of cells, pre-training."""
         epochs = default_epochs(n_cells) if self.epochs is None else self.epochs
         pretrain = self.pretrain_epochs

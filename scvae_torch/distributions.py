@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-LIKELIHOODS: tuple[str, ...] = ("poisson", "nb", "zip", "zinb")
+from .config import LIKELIHOODS
 
 # Names of the decoder outputs each likelihood needs ("log_theta" may instead be a per-gene parameter).
 PARAMETERS: dict[str, tuple[str, ...]] = {

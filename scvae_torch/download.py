@@ -12,6 +12,8 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
+from .io.atomic import write_text
+
 log = logging.getLogger(__name__)
 
 _BLOCK = 1 << 20  # bytes per read
@@ -94,11 +96,7 @@ def _read_recorded(dest: str) -> str | None:
 
 def _write_recorded(dest: str, sha256: str) -> None:
     """Record dest's sha256 next to it, atomically."""
-    record = recorded_checksum_path(dest)
-    tmp = record + ".part"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(f"{sha256}  {os.path.basename(dest)}\n")
-    os.replace(tmp, record)
+    write_text(recorded_checksum_path(dest), f"{sha256}  {os.path.basename(dest)}\n")
 
 
 def file_digests(path: str) -> dict[str, str]:
@@ -154,7 +152,8 @@ def _download_once(url: str, part: str, timeout: float) -> dict[str, str]:
         raise DownloadError(f"{url}: server answered HTTP {err.code} {err.reason}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:  # refused, reset, timeout, cut chunk
         reason = getattr(err, "reason", None) or err
-        raise _Retryable(f"connection failed after {received} bytes: {' '.join(str(reason).split()) or type(err).__name__}") from None
+        reason = " ".join(str(reason).split()) or type(err).__name__
+        raise _Retryable(f"connection failed after {received} bytes: {reason}") from None
     if expected is not None and received != expected:
         raise _Retryable(f"connection closed after {received} of {expected} bytes")
     return {"sha256": sha.hexdigest(), "md5": md5.hexdigest()}
@@ -211,7 +210,8 @@ def fetch(url: str, dest: str, *, sha256: str | None = None, md5: str | None = N
     os.replace(part, dest)
     if sha256 is None:
         _write_recorded(dest, digests["sha256"])
-        log.info("%s: no checksum known; recorded sha256 %s in %s", dest, digests["sha256"], recorded_checksum_path(dest))
+        log.info("%s: no checksum known; recorded sha256 %s in %s", dest, digests["sha256"],
+                 recorded_checksum_path(dest))
     return digests["sha256"]
 
 

@@ -10,15 +10,22 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .batches import (Source, StreamSource, batch_codes as to_batch_codes, load_counts, open_source,
-                      read_annotations, read_batches)
-from .config import TrainConfig
 from . import provenance
-from .batches import SourceError
+from .batches import (
+    Source,
+    SourceError,
+    StreamSource,
+    load_counts,
+    open_source,
+    read_annotations,
+    read_batches,
+)
+from .batches import batch_codes as to_batch_codes
+from .config import IW_SAMPLES, TrainConfig
+from .io.atomic import write_h5ad, write_text
 from .models import GMVAE, VAE
 from .training import (
     TrainingError,
-    atomic_write_text,
     batch_tensor,
     evaluate_terms,
     load_model,
@@ -125,7 +132,7 @@ def pca_kmeans_baseline(X: sp.csr_matrix, k: int, n_pcs: int = 50, seed: int = 0
     return kmeans_labels(pcs, k, seed)
 
 
-def evaluate_model(model: VAE, X: CountSource, rows: np.ndarray, iw_samples: int = 100, seed: int = 0,
+def evaluate_model(model: VAE, X: CountSource, rows: np.ndarray, iw_samples: int = IW_SAMPLES, seed: int = 0,
                    device: torch.device | str = "cpu", batch_size: int = 256,
                    batch_codes: np.ndarray | None = None) -> dict[str, float]:
     """Mean test ELBO and its parts per cell, and the importance-weighted log-likelihood with iw_samples draws."""
@@ -140,7 +147,7 @@ def evaluate_model(model: VAE, X: CountSource, rows: np.ndarray, iw_samples: int
 
 
 def evaluate_dataset(model_dir: str, data_path: str, metrics_path: str, latent_path: str,
-                     split_path: str | None = None, iw_samples: int = 100, seed: int = 0,
+                     split_path: str | None = None, iw_samples: int = IW_SAMPLES, seed: int = 0,
                      feature_means_path: str | None = None, device: str = "auto", stream: str = "auto",
                      stream_above_gb: float = TrainConfig.stream_above_gb) -> dict:
     """Evaluate a run folder on the test split; write metrics JSON, latent.h5ad and optional feature means.
@@ -217,25 +224,12 @@ def _evaluate(model: VAE, X: CountSource, cells: np.ndarray, labels: np.ndarray 
         if labels is not None:
             metrics["test_cluster"] = cluster_scores(labels[test], resp[test].argmax(1))
     latent.uns["scvae"] = {"model": model.cfg.model, "likelihood": model.cfg.likelihood}
-    _atomic_h5ad(latent, Path(latent_path))
+    write_h5ad(latent, latent_path)
     if feature_means_path:
         table = pd.DataFrame({"feature": genes.astype(str),
                               "observed_mean": observed_feature_means(X, test),
                               "decoded_mean": decoded_feature_means(model, X, test, dev, batch_codes=codes)})
-        atomic_write_text(table.to_csv(sep="\t", index=False), Path(feature_means_path))
-    atomic_write_text(json.dumps(metrics, indent=2) + "\n", Path(metrics_path))
+        write_text(feature_means_path, table.to_csv(sep="\t", index=False))
+    write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
-
-def _atomic_h5ad(adata, path: Path) -> None:
-    """Write an AnnData file to a temporary name, then rename."""
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.h5ad")
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

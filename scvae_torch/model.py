@@ -24,10 +24,10 @@ from .batches import SourceError, batch_codes, batch_column, open_source
 from .config import ModelConfig, TrainConfig
 from .data import DataError, make_split, refuse_bad_counts
 from .evaluation import evaluate_model, latent_means, responsibilities
+from .io.atomic import torch_save, write_h5ad, write_text
 from .models import GMVAE, VAE, build_model
 from .provenance import RunInputs, check_genes
-from .training import (BEST, CHECKPOINT, CHECKPOINT_FORMAT, HISTORY, TrainingError, atomic_torch_save,
-                       atomic_write_text, fit, load_checkpoint, resolve_device)
+from .training import BEST, CHECKPOINT, CHECKPOINT_FORMAT, HISTORY, TrainingError, fit, load_checkpoint, resolve_device
 
 log = logging.getLogger("scvae_torch.model")
 
@@ -187,7 +187,7 @@ class SCVAE:
     def train(self, max_epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
               early_stopping: bool | None = None, patience: int | None = None, train_size: float = 0.9,
               validation_size: float | None = None, seed: int = 0, device: str = "auto",
-              checkpoint_dir: str | Path | None = None, **train_options) -> "SCVAE":
+              checkpoint_dir: str | Path | None = None, **train_options) -> SCVAE:
         """Train on the cells of the AnnData, then write the latent (and clusters) into it.
 
         Parameters
@@ -457,20 +457,18 @@ class SCVAE:
                     "layer": self.layer, "labels_key": self.labels_key, "batch_key": self.batch_key,
                     "genes": self.genes.tolist(),
                     "is_trained": self.is_trained}
-        atomic_torch_save({"format": CHECKPOINT_FORMAT, "model_config": self.model_config.to_dict(),
-                           "model_state": {k: v.cpu() for k, v in self.module.state_dict().items()}},
-                          folder / WEIGHTS)
-        atomic_write_text(json.dumps(settings, indent=1) + "\n", folder / SETTINGS)
-        atomic_write_text(self.history.to_csv(sep="\t", index=False), folder / HISTORY)
+        torch_save({"format": CHECKPOINT_FORMAT, "model_config": self.model_config.to_dict(),
+                    "model_state": {k: v.cpu() for k, v in self.module.state_dict().items()}},
+                   folder / WEIGHTS)
+        write_text(folder / SETTINGS, json.dumps(settings, indent=1) + "\n")
+        write_text(folder / HISTORY, self.history.to_csv(sep="\t", index=False))
         if save_anndata:
             if self.adata is None:
                 raise ValueError("this model holds no AnnData to save")
-            tmp = folder / ".adata.h5ad.tmp.h5ad"
-            self.adata.write_h5ad(tmp)
-            tmp.replace(folder / "adata.h5ad")
+            write_h5ad(self.adata, folder / "adata.h5ad")
 
     @classmethod
-    def load(cls, dir_path: str | Path, adata=None, device: str = "auto") -> "SCVAE":
+    def load(cls, dir_path: str | Path, adata=None, device: str = "auto") -> SCVAE:
         """A model saved by `save`; with `adata`, its counts are checked and put in the model's gene order."""
         folder = Path(dir_path)
         try:

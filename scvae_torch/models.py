@@ -171,9 +171,11 @@ class VAE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = MLP(cfg.n_features + self._encoder_batches(cfg), cfg.encoder, cfg.batch_norm, cfg.dropout)
+        # Built in this order (the GMVAE's parts in between), so a seed gives the same initial weights.
+        self.encoder = self._build_encoder()
         self.z_mu = nn.Linear(self.encoder.n_out, cfg.latent)
         self.z_logvar = nn.Linear(self.encoder.n_out, cfg.latent)
+        self._build_prior()
         self.decoder = Decoder(cfg)
         # A compiled distributions.dense_zero_part, set by training's `compile` option (None: eager).
         self.zero_part: Callable | None = None
@@ -182,6 +184,15 @@ class VAE(nn.Module):
     def _encoder_batches(cfg: ModelConfig) -> int:
         """Extra encoder inputs: the one-hot batch when the encoders are conditioned on it."""
         return cfg.n_batches if cfg.batch_encoder else 0
+
+    def _build_encoder(self) -> MLP:
+        """The MLP whose output gives the mean and log-variance of q(z|x) (of q(z|x,b) when the encoder sees
+        the one-hot batch b too)."""
+        cfg = self.cfg
+        return MLP(cfg.n_features + self._encoder_batches(cfg), cfg.encoder, cfg.batch_norm, cfg.dropout)
+
+    def _build_prior(self) -> None:
+        """Parameters of p(z): none, it is N(0, I)."""
 
     def _input(self, x: Tensor, batch: Tensor | None = None) -> Tensor:
         return with_batch(encoder_input(x, self.cfg.log1p_input), batch, self._encoder_batches(self.cfg))
@@ -250,14 +261,14 @@ class GMVAE(VAE):
       ELBO = sum_y q(y|x) [E_q(z|x,y) log p(x|z) - KL(q(z|x,y) || p(z|y))] - KL(q(y|x) || p(y)).
     """
 
-    def __init__(self, cfg: ModelConfig):
-        nn.Module.__init__(self)
-        self.cfg = cfg
-        K, L = cfg.components, cfg.latent
+    def _build_encoder(self) -> MLP:
+        """q(y|x), and the MLP of q(z|x,y) on [x, onehot(y)], whose first linear layer is split so that x is
+        multiplied once: that layer is z_first (+ z_first_rest), the rest is returned. With a batch-conditioned
+        encoder, x is [x, onehot(b)] in both."""
+        cfg, K = self.cfg, self.cfg.components
         n_in = cfg.n_features + self._encoder_batches(cfg)  # x, and the one-hot batch when the encoders see it
         self.y_encoder = MLP(n_in, cfg.encoder, cfg.batch_norm, cfg.dropout)
         self.y_logits = nn.Linear(self.y_encoder.n_out, K)
-        # q(z|x,y): an MLP on [x, onehot(y)]; its first linear layer is split so x is multiplied once.
         self.z_first = nn.Linear(n_in + K, cfg.encoder[0])
         rest: list[nn.Module] = []
         if cfg.batch_norm:
@@ -266,14 +277,13 @@ class GMVAE(VAE):
         if cfg.dropout > 0:
             rest.append(nn.Dropout(cfg.dropout))
         self.z_first_rest = nn.Sequential(*rest)
-        self.encoder = MLP(cfg.encoder[0], cfg.encoder[1:], cfg.batch_norm, cfg.dropout)
-        self.z_mu = nn.Linear(self.encoder.n_out, L)
-        self.z_logvar = nn.Linear(self.encoder.n_out, L)
-        # p(z|y): on a one-hot input an MLP is a lookup table of per-component means and log-variances.
+        return MLP(cfg.encoder[0], cfg.encoder[1:], cfg.batch_norm, cfg.dropout)
+
+    def _build_prior(self) -> None:
+        """p(z|y): on a one-hot input an MLP is a lookup table of per-component means and log-variances."""
+        K, L = self.cfg.components, self.cfg.latent
         self.prior_mu = nn.Parameter(torch.randn(K, L))
         self.prior_logvar = nn.Parameter(torch.zeros(K, L))
-        self.decoder = Decoder(cfg)
-        self.zero_part: Callable | None = None  # as in VAE
 
     def y_log_probs(self, x: Tensor, batch: Tensor | None = None) -> Tensor:
         """log q(y|x), shape (cells, K)."""
@@ -364,7 +374,8 @@ class GMVAE(VAE):
             for _ in range(s):
                 z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
                 # p(x) = sum_y E_q(z|x,y)[p(x|z) p(z|y) p(y) / q(z|x,y)]: y enumerated, not sampled
-                terms.append(self._log_px_per_component(x, z, counts, batch) + gaussian_log_prob(z, p_mu[None], p_logvar[None])
+                terms.append(self._log_px_per_component(x, z, counts, batch)
+                             + gaussian_log_prob(z, p_mu[None], p_logvar[None])
                              - math.log(K) - gaussian_log_prob(z, mu, logvar))
         return torch.logsumexp(torch.cat(terms, dim=-1), dim=-1) - math.log(samples)
 

@@ -6,8 +6,6 @@ Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend s
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,8 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .io.atomic import atomic_path
 
 DPI = 150
 MAX_POINTS = 5000  # cells drawn per scatter panel (a seeded subsample beyond this)
@@ -33,17 +33,8 @@ def save(fig: Figure, png: str, pdf: str | None = None, dpi: int = DPI) -> None:
     for path, fmt in ((png, "png"), (pdf, "pdf")):
         if not path:
             continue
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=f".{fmt}")
-        os.close(fd)
-        try:
+        with atomic_path(path, suffix=f".{fmt}") as tmp:
             fig.savefig(tmp, format=fmt, dpi=dpi, metadata=_metadata(fmt))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
 
 
 def _metadata(fmt: str) -> dict:

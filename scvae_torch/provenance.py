@@ -33,6 +33,7 @@ import numpy as np
 
 from .config import ModelConfig, TrainConfig
 from .data import SUBSETS, DataError
+from .io.atomic import copy_file, write_text
 
 log = logging.getLogger("scvae_torch.provenance")
 
@@ -84,7 +85,8 @@ def read_record(run_dir: str | os.PathLike) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
-        raise _training_error(f"{path}: not a readable run record ({err}); it is written at the start of training")
+        raise _training_error(f"{path}: not a readable run record ({err}); it is written at the start of "
+                              "training") from None
     if not isinstance(record, dict) or not {"genes", "split"} <= set(record):
         raise _training_error(f"{path}: not a run record (no genes or split)")
     return record
@@ -93,11 +95,9 @@ def read_record(run_dir: str | os.PathLike) -> dict | None:
 def write_record(run_dir: str | os.PathLike, genes: np.ndarray, cells: np.ndarray,
                  subsets: dict[str, np.ndarray], data_path: str | None = None) -> None:
     """Record the genes (in the model's column order) and the split fingerprint in run_dir/run.json, atomically."""
-    from .training import atomic_write_text
-
     record = {"format": RECORD_FORMAT, "genes": [str(g) for g in genes],
               "split": split_fingerprint(cells, subsets), "data": str(data_path) if data_path else None}
-    atomic_write_text(json.dumps(record) + "\n", Path(run_dir) / RECORD)
+    write_text(Path(run_dir) / RECORD, json.dumps(record) + "\n")
 
 
 # ---- genes -----------------------------------------------------------------------------------------
@@ -164,7 +164,6 @@ def check_evaluation_split(run_dir: str | os.PathLike, cells: np.ndarray, subset
 
     The run's own split (run_dir/split.tsv) must still be the one its record names.
     """
-    from . import data
 
     if len(subsets["test"]) == 0:
         raise DataError(f"{split_name}: no test cells (train/validation/test "
@@ -307,7 +306,8 @@ def checkpoint_note(out: str | os.PathLike) -> str:
     from .training import CHECKPOINT
 
     path = Path(out) / CHECKPOINT
-    return f"the last good checkpoint in {out} is intact" if path.exists() else f"no checkpoint was written in {out} yet"
+    return f"the last good checkpoint in {out} is intact" if path.exists() else \
+        f"no checkpoint was written in {out} yet"
 
 
 def check_cell_ids(data_name: str, cells: np.ndarray) -> None:
@@ -348,7 +348,6 @@ def settle_run(out: Path, inputs: RunInputs, resuming: bool) -> None:
     """Under the folder's lock, once the checkpoint (if any) was accepted: a fresh run saves its split as
     out/split.tsv and records genes and split; a resumed run without a record (an older version) gets one."""
     from . import data
-    from .training import _copy_atomic
 
     if resuming and (out / RECORD).exists():  # the genes and split must be those the run started with
         record = read_record(out)
@@ -364,5 +363,5 @@ def settle_run(out: Path, inputs: RunInputs, resuming: bool) -> None:
         if inputs.split is not None:
             data.write_split(inputs.split, str(saved))
         elif inputs.split_file is not None and Path(inputs.split_file).resolve() != saved.resolve():
-            _copy_atomic(Path(inputs.split_file), saved)
+            copy_file(Path(inputs.split_file), saved)
     write_record(out, inputs.genes, inputs.cells, inputs.subsets, inputs.data_path)

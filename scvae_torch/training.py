@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import fcntl
-import io
 import json
 import logging
 import math
-import os
-import shutil
-import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -24,36 +17,43 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .batches import (Source, SourceError, StreamSource, csr_nbytes, epoch_permutation,  # noqa: F401
-                      load_counts, open_source, read_annotations, read_batches)
+from . import provenance
+from .batches import (  # noqa: F401
+    Source,
+    SourceError,
+    StreamSource,
+    csr_nbytes,
+    epoch_permutation,
+    load_counts,
+    open_source,
+    read_annotations,
+    read_batches,
+)
+from .checkpoints import (  # noqa: F401
+    BEST,
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    LOCK,
+    PREVIOUS,
+    STOP_SIGNALS,
+    TrainingError,
+    TrainingInterrupted,
+    _resume_state,
+    _save,
+    folder_lock,
+    load_checkpoint,
+    load_model,
+    stop_signals,
+)
 from .config import ModelConfig, TrainConfig
 from .distributions import wide_dtype
+from .io.atomic import torch_save, write_text
 from .models import GMVAE, VAE, build_model
-from . import provenance
 
 log = logging.getLogger("scvae_torch.training")
 
-CHECKPOINT = "checkpoint.pt"
-PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before, kept for when the last one is damaged
-BEST = "best.pt"
 HISTORY = "history.tsv"
 METRICS = "metrics.json"
-LOCK = ".lock"
-CHECKPOINT_FORMAT = 1
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class TrainingError(Exception):
-    """Training cannot go on (non-finite loss, busy or mismatched output folder); one-line message."""
-
-
-class TrainingInterrupted(Exception):
-    """A stop signal arrived; a checkpoint at the end of the current minibatch was written."""
-
-    def __init__(self, signum: int, path: Path):
-        super().__init__(f"stopped by signal {signal.Signals(signum).name}; checkpoint written to {path}, "
-                         "run again to resume")
-        self.signum = signum
 
 
 def reuse_freed_memory() -> None:
@@ -85,130 +85,6 @@ def resolve_device(name: str) -> torch.device:
 def device_name(device: torch.device) -> str:
     """Human-readable name of the device (GPU model or 'cpu')."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-class _ErrorKeepingWriter:
-    """A binary file for torch.save that keeps the OSError of a failed write, which torch replaces."""
-
-    def __init__(self, fh: io.BufferedWriter):
-        self.fh, self.error = fh, None
-
-    def write(self, data: bytes) -> int:
-        try:
-            return self.fh.write(data)
-        except OSError as err:
-            self.error = err
-            raise
-
-    def flush(self) -> None:
-        self.fh.flush()
-
-
-def atomic_torch_save(obj: dict, path: Path, before_replace: Callable[[], None] | None = None) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
-
-    before_replace runs once the new file is safely on disk, just before the rename (checkpoint rotation).
-    """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            # Straight to the file (no in-memory copy: a checkpoint is as large as the model and Adam's state).
-            writer = _ErrorKeepingWriter(fh)
-            try:
-                torch.save(obj, writer)
-            except RuntimeError:  # torch wraps a failed write (e.g. a full disk) in an opaque RuntimeError
-                if writer.error is not None:
-                    raise writer.error from None
-                raise
-            fh.flush()
-            os.fsync(fh.fileno())
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, path)
-    except OSError as err:  # e.g. a full disk: name the file the user knows, not the temporary one
-        raise OSError(err.errno, f"could not write ({err.strerror})", str(path)) from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write text to a temporary file in the same folder, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as err:  # e.g. a full disk: name the file the user knows, not the temporary one
-        raise OSError(err.errno, f"could not write ({err.strerror})", str(path)) from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """Load a checkpoint safely (weights_only: no code is unpickled); a damaged file is a TrainingError."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # unpickling errors, truncated zip archives, foreign pickles
-        raise TrainingError(f"{path}: not a readable scvae-torch checkpoint ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else 'damaged'})") from None
-    if not isinstance(state, dict) or not {"format", "model_config", "model_state"} <= set(state):
-        raise TrainingError(f"{path}: not an scvae-torch checkpoint (a readable file without its fields)")
-    return state
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu", which: str = "best") -> VAE:
-    """A trained model in eval mode from a run folder (best.pt or checkpoint.pt) or a checkpoint file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / (BEST if which == "best" and (path / BEST).exists() else CHECKPOINT)
-    if not path.exists():
-        raise TrainingError(f"{path}: no checkpoint found")
-    state = load_checkpoint(path, device)
-    model = build_model(state["model_config"]).to(device)
-    model.load_state_dict(state["model_state"])
-    model.eval()
-    return model
-
-
-@contextlib.contextmanager
-def folder_lock(out_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on out_dir so two trainings never write the same folder."""
-    fh = open(out_dir / LOCK, "w")
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TrainingError(f"{out_dir}: another training is already writing this folder "
-                                f"(lock {out_dir / LOCK} is held)") from None
-        yield
-    finally:
-        fh.close()
-
-
-@contextlib.contextmanager
-def stop_signals() -> Iterator[list[int]]:
-    """Record SIGTERM / SIGUSR1 (SLURM's time-limit and preemption warnings) instead of dying at once."""
-    received: list[int] = []
-    previous = {}
-    try:
-        for sig in STOP_SIGNALS:
-            previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
-    except ValueError:  # not the main thread: signals cannot be caught here
-        previous = {}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def minibatch(X: sp.csr_matrix, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Dense float32 tensor of the given rows of a CSR matrix, on the device."""
-    dense = torch.from_numpy(X[rows].toarray().astype(np.float32, copy=False))
-    return dense.to(device, non_blocking=True)
 
 
 def batch_tensor(batch_codes: np.ndarray | Tensor | None, rows: np.ndarray, device: torch.device) -> Tensor | None:
@@ -314,7 +190,7 @@ def compile_model(model: VAE, device: torch.device) -> bool:
     Only that part: compiling the MLPs and the decoder as well made a CPU step slower, and this part alone
     gains nothing beyond the machine's run-to-run noise on a CPU (benchmarks/bench_step.py --compile, part 1;
     figures in docs/performance.md). On a GPU, where element-wise passes are memory-bound, the
-    fusion should pay more (not yet measured).
+    fusion should pay more (`benchmarks/bench_step.py --compile` measures it there).
     """
     from .distributions import dense_zero_part
 
@@ -326,19 +202,6 @@ def compile_model(model: VAE, device: torch.device) -> bool:
         return False
     model.zero_part = torch.compile(dense_zero_part, dynamic=True)  # minibatch sizes vary: one kernel for all
     return True
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device).cpu()
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"].cpu())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def _history_frame(history: list[dict]) -> pd.DataFrame:
@@ -454,10 +317,10 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
             # a GMVAE still pre-training is not a candidate for best.pt (its p(z|y) is not set), unless it never ends
             if val_elbo > best_val and not (isinstance(model, GMVAE) and tc.pretrain_epochs >= epoch < tc.epochs):
                 best_val, best_epoch = val_elbo, epoch
-                atomic_torch_save({"format": CHECKPOINT_FORMAT, "model_config": cfg.to_dict(),
+                torch_save({"format": CHECKPOINT_FORMAT, "model_config": cfg.to_dict(),
                                    "model_state": model.state_dict(), "epoch": epoch, "val_elbo": val_elbo},
                                   out / BEST)
-            atomic_write_text(_history_frame(history).to_csv(sep="\t", index=False), out / HISTORY)
+            write_text(out / HISTORY, _history_frame(history).to_csv(sep="\t", index=False))
             log.info("epoch %d/%d  train ELBO %.4g  val ELBO %.4g  KL weight %.3g  %.2f s", epoch, tc.epochs,
                      train_terms["elbo"], val_elbo, weight, seconds)
             bar.update(1)
@@ -488,7 +351,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
             "n_train": int(len(train_idx)), "n_validation": int(len(val_idx)), "data_source": source.description,
             "compiled": bool(compiled),
         }
-        atomic_write_text(json.dumps(metrics, indent=2, default=float) + "\n", out / METRICS)
+        write_text(out / METRICS, json.dumps(metrics, indent=2, default=float) + "\n")
         return metrics
 
 
@@ -510,87 +373,6 @@ def _add_sums(partial: dict, sums: torch.Tensor | None, epoch: int, out: Path) -
         raise TrainingError(f"non-finite loss (ELBO terms) in epoch {epoch + 1}: stopped; "
                             f"{provenance.checkpoint_note(out)}")
     return {**partial, **{k: partial.get(k, 0.0) + v for k, v in zip(TERMS, values)}}
-
-
-def _resume_state(out: Path, cfg: ModelConfig, model: VAE, optimiser: torch.optim.Optimizer,
-                  device: torch.device, tc: TrainConfig | None = None) -> dict:
-    """Restore model, optimiser and RNG from out/checkpoint.pt (if damaged, checkpoint.prev.pt); else a fresh state."""
-    fresh = {"epoch": 0, "batch": 0, "partial": {}, "history": [], "best_val_elbo": -math.inf, "best_epoch": 0}
-    for stale in out.glob(".*.tmp[0-9]*"):  # temporary files of a killed run (we hold the folder's lock)
-        stale.unlink(missing_ok=True)
-    path = out / CHECKPOINT
-    if not path.exists():
-        return fresh  # a checkpoint.prev.pt alone is stale: _save drops it
-    problems = []
-    for path in (out / CHECKPOINT, out / PREVIOUS):
-        try:
-            state = load_checkpoint(path, device)
-            missing = sorted({*fresh, "optimizer_state", "rng"} - set(state))
-            if missing:
-                raise TrainingError(f"{path}: not a resumable checkpoint (no {', '.join(missing)})")
-            break
-        except FileNotFoundError:
-            problems.append(f"{path}: missing")
-        except TrainingError as err:
-            problems.append(str(err))
-    else:
-        raise TrainingError("; ".join(problems) + " - no usable checkpoint; delete the folder to start afresh")
-    if problems:
-        log.warning("%s; resuming from the previous checkpoint %s (epoch %d)", problems[0], path, state["epoch"])
-        _copy_atomic(path, out / CHECKPOINT)  # so the damaged file can never be rotated into checkpoint.prev.pt
-    if state.get("model_config") != cfg.to_dict():
-        raise TrainingError(f"{path} holds a different model ({state.get('model_config')}); "
-                            "use a new output folder or delete it")
-    if tc is not None:  # other settings (but epochs, device, ...) would be recorded without being applied
-        provenance.check_resume_settings(state.get("train_config"), tc, path, state["epoch"])
-    model.load_state_dict(state["model_state"])
-    optimiser.load_state_dict(state["optimizer_state"])
-    _set_rng_state(state["rng"], device)
-    return {k: state[k] for k in fresh}
-
-
-def _copy_atomic(src: Path, dest: Path) -> None:
-    """Make dest the same content as src (a hard link when the file system allows), replacing it atomically."""
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:  # no hard links here
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _save(out: Path, model: VAE, optimiser: torch.optim.Optimizer, cfg: ModelConfig, tc: TrainConfig,
-          epoch: int, batch: int, partial: dict, history: list[dict], best_val: float, best_epoch: int,
-          device: torch.device) -> Path:
-    """Write the resumable checkpoint atomically, keeping the one before as checkpoint.prev.pt; returns its path.
-
-    At every moment checkpoint.pt is a complete file (the old or the new one); a failed write (full disk)
-    leaves both files as they were and is a TrainingError.
-    """
-    path, previous = out / CHECKPOINT, out / PREVIOUS
-    state = {
-        "format": CHECKPOINT_FORMAT, "model_config": cfg.to_dict(), "train_config": asdict(tc),
-        "model_state": model.state_dict(), "optimizer_state": optimiser.state_dict(),
-        "epoch": epoch, "batch": batch, "partial": dict(partial), "history": list(history),
-        "best_val_elbo": best_val, "best_epoch": best_epoch, "rng": _rng_state(device),
-    }
-
-    def rotate() -> None:
-        if path.exists():
-            _copy_atomic(path, previous)  # a second name: checkpoint.pt is never missing while it is rotated
-        else:
-            previous.unlink(missing_ok=True)  # from an earlier run that was started afresh
-
-    try:
-        atomic_torch_save(state, path, before_replace=rotate)
-    except OSError as err:
-        reason = os.strerror(err.errno) if err.errno else str(err)
-        raise TrainingError(f"{path}: could not write the checkpoint ({reason}); the previous "
-                            "checkpoint is unchanged, run again to resume from it") from None
-    return path
 
 
 def train_dataset(data_path: str, out_dir: str, model_config: dict, train_config: TrainConfig,

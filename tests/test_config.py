@@ -1,4 +1,5 @@
-"""The pipeline's config schema: shipped configs validate, unknown keys fail naming the key, defaults mirror the library."""
+"""The pipeline's config schema: shipped configs validate, unknown keys fail naming the key, defaults and allowed
+values equal the library's."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
+from scvae_torch import config as library
 from scvae_torch.config import ModelConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,6 +158,78 @@ def test_model_defaults_mirror_modelconfig():
     library = dataclasses.asdict(ModelConfig(n_features=1))
     assert set(schema) <= MODEL_KEYS, f"schema 'model' keys the library does not know: {set(schema) - MODEL_KEYS}"
     assert {k: schema[k] for k in schema} == {k: library[k] for k in schema}
+
+
+# Every enum of the schema and the library's tuple of the same values (the library is the source).
+SCHEMA_ENUMS = {
+    ("$defs", "model"): library.MODELS,
+    ("$defs", "likelihood"): library.LIKELIHOODS,
+    ("$defs", "format"): library.FORMATS,
+    ("$defs", "simulate", "properties", "kind"): library.SIMULATIONS,
+    ("properties", "model", "properties", "dispersion"): library.DISPERSIONS,
+    ("properties", "model", "properties", "y_regularisation"): library.Y_REGULARISATIONS,
+    ("properties", "training", "properties", "device"): library.DEVICES,
+    ("properties", "training", "properties", "precision"): library.PRECISIONS,
+    ("properties", "training", "properties", "stream"): library.STREAMING,
+    ("properties", "figures", "properties", "figure5", "properties", "regularisations", "items"):
+        library.Y_REGULARISATIONS,
+}
+
+
+def _enum_paths(node, path=()) -> dict[tuple, list]:
+    """Every `enum` in the schema, by the path of the object that holds it."""
+    found = {}
+    if isinstance(node, dict):
+        if "enum" in node:
+            found[path] = node["enum"]
+        for key, value in node.items():
+            found.update(_enum_paths(value, path + (key,)))
+    return found
+
+
+def test_schema_enums_equal_the_library_and_every_enum_is_tied_to_it():
+    """The schema's allowed values are the library's (the library is the one source; the schema repeats them
+    for the pipeline), and no enum in the schema is left unchecked."""
+    enums = _enum_paths(SCHEMA)
+    assert set(enums) == set(SCHEMA_ENUMS), f"enums not tied to the library: {set(enums) ^ set(SCHEMA_ENUMS)}"
+    for path, values in SCHEMA_ENUMS.items():
+        assert sorted(enums[path]) == sorted(values), ".".join(path)
+
+
+def test_schema_defaults_outside_model_and_training_equal_the_library():
+    """Defaults of the schema that the library also has (those of `model` and `training`: tests above)."""
+    props = SCHEMA["properties"]
+    assert tuple(props["split"]["properties"]["fractions"]["default"]) == library.DEFAULT_FRACTIONS
+    assert props["evaluation"]["properties"]["iw_samples"]["default"] == library.IW_SAMPLES
+    assert props["training"]["properties"]["stream_above_gb"]["default"] == library.STREAM_ABOVE_GB
+    assert SCHEMA["$defs"]["file"]["properties"]["format"]["default"] == library.FORMATS[0] == "auto"
+    grid = props["gridsearch"]["properties"]
+    assert grid["models"]["default"] == list(library.MODELS)
+    assert grid["likelihoods"]["default"] == list(library.LIKELIHOODS)
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """The command line's defaults and choices come from the library (scvae_torch.config)."""
+    from scvae_torch.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    train = vars(parser.parse_args(["train", "--data", "d.h5ad", "--out", "run"]))
+    model, training = dataclasses.asdict(ModelConfig(n_features=1)), dataclasses.asdict(TrainConfig())
+    shared = set(train) & set({**model, **training})
+    assert len(shared) >= 25, sorted(shared)
+    for key in shared:
+        assert train[key] == {**model, **training}[key], key
+    prepare = {a.dest: a for a in commands["prepare"]._actions}
+    assert tuple(prepare["format"].choices) == library.FORMATS
+    assert tuple(prepare["stream"].choices) == library.STREAMING
+    assert prepare["stream_above_gb"].default == library.STREAM_ABOVE_GB
+    fractions = prepare["split_fractions"]
+    assert fractions.type(fractions.default) == library.DEFAULT_FRACTIONS
+    evaluate = {a.dest: a for a in commands["evaluate"]._actions}
+    assert evaluate["iw_samples"].default == library.IW_SAMPLES
+    simulate = {a.dest: a for a in commands["simulate"]._actions}
+    assert tuple(simulate["kind"].choices) == library.SIMULATIONS
 
 
 def test_every_model_option_is_configurable():

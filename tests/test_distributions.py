@@ -254,7 +254,7 @@ def test_gradients_match_mpmath_derivatives(likelihood):
     theta = np.exp(grid.get("log_theta", np.zeros_like(grid["x"])))
     scale = 1 + grid["x"] + np.exp(grid["log_mean"]) + theta * np.abs(np.log(theta))
     with mp.workdps(40):
-        for k, name in enumerate(names):
+        for name in names:
             reference = np.empty_like(grid["x"])
             for i in range(len(grid["x"])):
                 point = {n: mp.mpf(grid[n][i]) for n in names}

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_data import random_counts, write_10x_v2
 
 from scvae_torch import cli, data, download
 from scvae_torch.download import DownloadError, fetch
-from test_data import random_counts, write_10x_v2
 
-FAST = dict(retries=2, timeout=5, retry_delay=0)
+FAST = dict(retries=2, timeout=60, retry_delay=0)  # timeout: a hang guard; no test waits for it
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -83,7 +83,8 @@ def test_wrong_checksum_deletes_the_partial_file_and_shows_both(server, payload,
     message = str(err.value)
     assert f"expected {wrong}" in message and f"got {hashlib.sha256(payload).hexdigest()}" in message
     assert "\n" not in message and os.listdir(tmp_path) == []
-    with pytest.raises(DownloadError, match=f"md5 mismatch: expected {'1' * 32}, got {hashlib.md5(payload).hexdigest()}"):
+    expected = f"md5 mismatch: expected {'1' * 32}, got {hashlib.md5(payload).hexdigest()}"
+    with pytest.raises(DownloadError, match=expected):
         fetch(f"{server.url}/v2.h5", dest, md5="1" * 32, **FAST)
     assert os.listdir(tmp_path) == []
 

@@ -17,8 +17,7 @@ def _counts(n=64, g=12, seed=0):
 
 def test_gaussian_kl_matches_torch_distributions():
     gen = torch.Generator().manual_seed(1)
-    mq, mp = torch.randn(50, 7, generator=gen, dtype=torch.float64), torch.randn(50, 7, generator=gen, dtype=torch.float64)
-    lq, lp = torch.randn(50, 7, generator=gen, dtype=torch.float64), torch.randn(50, 7, generator=gen, dtype=torch.float64)
+    mq, mp, lq, lp = (torch.randn(50, 7, generator=gen, dtype=torch.float64) for _ in range(4))
     ours = gaussian_kl(mq, lq, mp, lp)
     ref = kl_divergence(Normal(mq, (0.5 * lq).exp()), Normal(mp, (0.5 * lp).exp())).sum(-1)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)

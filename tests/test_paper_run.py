@@ -126,7 +126,7 @@ def test_paper_config_runs_end_to_end_at_reduced_scale(tmp_path, served):
     assert t1.loc["10x-MB-20k", "source"] == "download"
     # the grid of paper.yaml's data sets, models and likelihoods, each trained in full and tested
     t3 = pd.read_csv(results / "tables" / "table3_test_elbo.tsv", sep="\t")
-    runs = {(d, m, l) for d in grid["datasets"] for m in grid["models"] for l in grid["likelihoods"]}
+    runs = {(d, m, lik) for d in grid["datasets"] for m in grid["models"] for lik in grid["likelihoods"]}
     assert runs <= set(zip(t3["dataset"], t3["model"], t3["likelihood"]))
     assert (t3["epochs"] == 3).sum() == len(runs) and np.isfinite(t3["test_elbo"]).all()
     # the paper's settings held: the encoders saw raw counts

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from test_data import V2, V2_MULTI, V3, V3_MEX, make_adata, random_counts, shared_data, write_10x_v2, write_named_mtx
 
 from scvae_torch import cli, data
-from test_data import V2, V2_MULTI, V3, V3_MEX, make_adata, random_counts, shared_data, write_10x_v2, write_named_mtx
 
 
 def run(capsys, *argv) -> tuple[int, str]:
@@ -158,11 +158,6 @@ def test_help_documents_every_option_with_its_default(capsys):
                    "--split-fractions", "--stratify"):
         assert option in text
     assert "(default: 0.81,0.09,0.10)" in text and "(default: auto)" in text
-
-
-def test_cli_defaults_mirror_the_library():
-    assert cli._FORMATS == data.FORMATS
-    assert cli._fractions(cli._SPLIT_FRACTIONS) == data.DEFAULT_FRACTIONS
 
 
 # --- bad inputs -----------------------------------------------------------------------------------

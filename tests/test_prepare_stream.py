@@ -17,6 +17,7 @@ from test_data import V2, random_counts, write_10x_v3
 from scvae_torch import data
 from scvae_torch.batches import StreamSource
 from scvae_torch.data import DataError
+from scvae_torch.io import stream
 
 TYPES = ["Gene Expression", "Antibody Capture", "Gene Expression", "Gene Expression", "CRISPR"] * 8
 GENOMES = ["hg", "", "hg", "mm", ""] * 8
@@ -66,7 +67,7 @@ def test_streamed_gene_selection_writes_the_in_memory_file(tmp_path, options):
     in-memory path selects, and both record the same deviances and selection."""
     from test_genes import brute_top
 
-    X = _v3(tmp_path / "in.h5")
+    _v3(tmp_path / "in.h5")
     memory = data.prepare_input(tmp_path / "in.h5", stream="off", **options)
     plan = data.prepare_input(tmp_path / "in.h5", stream="on", block_nonzeros=97, **options)
     summary = data.write_prepared(plan, tmp_path / "streamed.h5ad")
@@ -88,8 +89,8 @@ def test_streamed_gene_selection_writes_the_in_memory_file(tmp_path, options):
 def test_gene_selection_reads_the_file_once_unless_genes_are_filtered_by_count(tmp_path, monkeypatch, options, passes):
     _v3(tmp_path / "in.h5")
     reads = []
-    real = data._read_block
-    monkeypatch.setattr(data, "_read_block", lambda *args: reads.append(args[2]) or real(*args))
+    real = stream._read_block
+    monkeypatch.setattr(stream, "_read_block", lambda *args: reads.append(args[2]) or real(*args))
     data.prepare_input(tmp_path / "in.h5", stream="on", block_nonzeros=97, **options)
     blocks = len(set(reads))
     assert blocks > 10 and len(reads) == passes * blocks
@@ -160,13 +161,13 @@ def test_output_is_written_in_blocks(tmp_path, monkeypatch):
     """No block holds more than its share of the cells: what keeps memory flat for 1.3 M cells."""
     _v3(tmp_path / "in.h5", n_cells=400)
     sizes = []
-    real = data._read_block
+    real = stream._read_block
 
     def spy(group, indptr, lo, hi, n_genes, path):
         sizes.append(hi - lo)
         return real(group, indptr, lo, hi, n_genes, path)
 
-    monkeypatch.setattr(data, "_read_block", spy)
+    monkeypatch.setattr(stream, "_read_block", spy)
     data.write_prepared(data.prepare_input(tmp_path / "in.h5", stream="on", block_nonzeros=200), tmp_path / "o.h5ad")
     assert len(sizes) > 20 and max(sizes) <= 40
     with h5py.File(tmp_path / "o.h5ad") as f:

@@ -138,7 +138,7 @@ def cluster_problem() -> str | None:
     if shutil.which("sbatch") is None:
         return "sbatch is not on PATH: no SLURM cluster (CI starts one with ../shared/slurm/start-local-slurm.sh)"
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%a %G"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["sinfo", "-h", "-o", "%a %G"], capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"sinfo failed: {err}"
     if out.returncode != 0:
@@ -152,7 +152,7 @@ def cluster_problem() -> str | None:
 
 def scontrol_jobs() -> dict[str, dict[str, str]]:
     """Every job slurmctld still knows (running, queued, or ended less than MinJobAge ago), by job id."""
-    out = subprocess.run(["scontrol", "-d", "-o", "show", "job"], capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(["scontrol", "-d", "-o", "show", "job"], capture_output=True, text=True, timeout=300).stdout
     jobs = {}
     for line in out.splitlines():
         fields = dict(m.groups() for m in re.finditer(r"(\w+(?:/\w+)?)=(\S*)", line))
@@ -194,7 +194,7 @@ def slurm_run(tmp_path_factory):
                     job = next((i for i, j in ours.items() if j["JobState"] == "RUNNING"
                                 and j.get("Comment", "").startswith("rule_train_final_wildcards_pc")), None)
                     if job:  # what --signal=B:USR1@N in the profile makes SLURM do N seconds before the limit
-                        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=30)
+                        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=300)
                         signalled["job"] = job
                 time.sleep(1)
         finally:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 # In a --sdm conda environment the package is not installed: import it from this checkout.
@@ -14,6 +12,8 @@ try:
     import scvae_torch  # noqa: F401
 except ImportError:
     sys.path.insert(0, _ROOT)
+
+from scvae_torch.io.atomic import write_text  # noqa: E402  (once the package can be found)
 
 
 def start(snakemake, torch_threads: bool = False) -> None:
@@ -25,21 +25,6 @@ def start(snakemake, torch_threads: bool = False) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(snakemake.threads)))
-
-
-def atomic_text(text: str, path: str) -> None:
-    """Write text to a temporary file next to path, then rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _cell(value) -> str:
@@ -58,6 +43,6 @@ def markdown(table) -> str:
 
 def write_table(table, tsv: str, md: str | None = None, title: str | None = None) -> None:
     """A table as TSV with a header row (full precision) and, next to it, as Markdown for people."""
-    atomic_text(table.to_csv(sep="\t", index=False, float_format="%.10g"), tsv)
+    write_text(tsv, table.to_csv(sep="\t", index=False, float_format="%.10g"))
     if md:
-        atomic_text((f"# {title}\n\n" if title else "") + markdown(table), md)
+        write_text(md, (f"# {title}\n\n" if title else "") + markdown(table))

@@ -44,7 +44,8 @@ for path, bench_path in zip(inp.scvi, inp.scvi_bench):
     m = json.loads(Path(path).read_text())
     seconds, rss = job(bench_path)
     rows.append({"dataset": dataset, "method": f"scVI {m['scvi_version']}", "likelihood": m["likelihood"],
-                 "clustering": "k-means on latent", "test_elbo": m["test_elbo"], "test_iw_log_lik": m["test_iw_log_lik"],
+                 "clustering": "k-means on latent", "test_elbo": m["test_elbo"],
+                 "test_iw_log_lik": m["test_iw_log_lik"],
                  "iw_samples": m["iw_samples"], "ari": m["ari"], "ami": m["ami"], "test_cells": m["test_cells"],
                  "job_seconds": seconds, "max_rss_mb": rss})
 names = {"kmeans_pca_lognorm": "k-means on PCA", "leiden_knn": "Leiden on kNN graph"}

@@ -3,7 +3,7 @@
 Run as a command (not a Snakemake script) so that it can use another interpreter, one with scvi-tools.
 """
 
-import argparse
+import argparse  # noqa: I001 (_common must come before scvae_torch: it puts this checkout on sys.path)
 import json
 import sys
 from pathlib import Path

@@ -25,7 +25,7 @@ n_cells, n_genes = sim.X.shape
 counts = data.Counts(X=sim.X, genes=np.array([f"gene{j}" for j in range(n_genes)]),
                      cells=np.array([f"cell{i}" for i in range(n_cells)]), labels=sim.labels)
 summary = data.summarize(counts)
-_common.atomic_text(json.dumps({"kind": kind, **spec, "truth": sim.truth_json()}), snakemake.output.truth)
+_common.write_text(snakemake.output.truth, json.dumps({"kind": kind, **spec, "truth": sim.truth_json()}))
 data.write_canonical(counts, snakemake.output.counts)
 data.write_summary(summary, snakemake.output.summary)
 print(summary)

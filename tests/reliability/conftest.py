@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 
 import pytest
-
 import reliability_support as support
 
 # passed / failed cases by kind, tests by kind, and fuzz examples by outcome, for this session

@@ -74,7 +74,7 @@ def python_env() -> dict:
             "OMP_NUM_THREADS": "1"}
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run `python -m scvae_torch.cli ARGS` and capture its text output."""
     return subprocess.run([sys.executable, "-m", "scvae_torch.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=python_env())
@@ -106,9 +106,9 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, code
 
 def same_weights(a: Path, b: Path) -> None:
     """The model weights of two checkpoint files are bit-identical."""
-    from scvae_torch.training import load_checkpoint
-
     import torch
+
+    from scvae_torch.training import load_checkpoint
 
     wa, wb = load_checkpoint(a)["model_state"], load_checkpoint(b)["model_state"]
     assert wa.keys() == wb.keys()

@@ -14,9 +14,8 @@ import jsonschema
 import pytest
 import snakemake.utils
 import yaml
-from snakemake.exceptions import WorkflowError
-
 from reliability_support import GUARANTEE, REFUSAL, ROOT, cases, python_env
+from snakemake.exceptions import WorkflowError
 
 pytestmark = pytest.mark.reliability
 
@@ -258,7 +257,7 @@ def test_snakemake_refuses_before_any_job_naming_the_key(tmp_path):
     for i, (path, value, expected) in enumerate(REAL_CLI):
         (work / "config" / f"bad{i}.yaml").write_text(yaml.safe_dump(place(base_config(), path, value)))
         proc = subprocess.run([SNAKEMAKE, "-n", "--cores", "1", "--configfile", f"config/bad{i}.yaml"], cwd=work,
-                              env=python_env(), capture_output=True, text=True, timeout=120)
+                              env=python_env(), capture_output=True, text=True, timeout=900)  # a hang guard
         output = proc.stdout + proc.stderr  # Snakemake prints a config error on stdout in a dry run
         assert proc.returncode != 0
         assert expected in output, output[-2000:]

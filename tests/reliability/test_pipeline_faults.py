@@ -17,9 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from workflow_copy import copy_workflow
-
 from reliability_support import FAULT, GUARANTEE, cases, python_env, same_weights
+from workflow_copy import copy_workflow
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration, pytest.mark.slow]
 
@@ -61,7 +60,7 @@ def kill_when(work: Path, ready, what: str, *extra: str) -> None:
     """Start snakemake in its own process group and SIGKILL the whole group once ready() holds."""
     proc = subprocess.Popen(command(*extra), cwd=work, env=python_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
+    deadline = time.time() + 900  # a hang guard
     try:
         while not ready():
             assert proc.poll() is None, f"snakemake ended ({proc.returncode}) before {what}"
@@ -69,7 +68,7 @@ def kill_when(work: Path, ready, what: str, *extra: str) -> None:
             time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        proc.wait(timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ import pytest
 import scipy.sparse as sp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from reliability_support import FUZZ, REFUSAL, assert_one_line_error, run_main, tried
+
 from scvae_torch import data
 from scvae_torch.data import DataError
 

@@ -15,9 +15,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-
-from reliability_support import GUARANTEE, REFUSAL, ROOT, assert_one_line_error, cases, run_main, stderr_lines, \
-    write_h5ad
+from reliability_support import (
+    GUARANTEE,
+    REFUSAL,
+    ROOT,
+    assert_one_line_error,
+    cases,
+    run_main,
+    stderr_lines,
+    write_h5ad,
+)
 
 pytestmark = pytest.mark.reliability
 
