@@ -33,7 +33,7 @@ if SNAKEMAKE is None:
     pytest.skip("the snakemake command is not on PATH", allow_module_level=True)
 
 
-def snakemake(cwd: Path, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(cwd: Path, *args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess:
     """Run the snakemake CLI in cwd; on an unexpected failure show the end of its output."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([SNAKEMAKE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
