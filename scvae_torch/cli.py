@@ -80,7 +80,6 @@ class _StderrLog:
         self.level, self.show = self.logger.level, level
 
     def __enter__(self):
-        import logging
 
         self.logger.addHandler(self.handler)
         self.logger.setLevel(self.show)

@@ -164,7 +164,6 @@ def check_evaluation_split(run_dir: str | os.PathLike, cells: np.ndarray, subset
 
     The run's own split (run_dir/split.tsv) must still be the one its record names.
     """
-    from . import data
 
     if len(subsets["test"]) == 0:
         raise DataError(f"{split_name}: no test cells (train/validation/test "

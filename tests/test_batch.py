@@ -11,7 +11,6 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
@@ -19,7 +18,7 @@ from scvae_torch import SCVAE
 from scvae_torch.config import ModelConfig
 from scvae_torch.data import DataError
 from scvae_torch.integration import batch_asw, batch_entropy, integration_scores, type_asw
-from scvae_torch.models import GMVAE, VAE, build_model
+from scvae_torch.models import VAE, build_model
 from scvae_torch.simulate import single_cell
 
 ROOT = Path(__file__).resolve().parents[1]
