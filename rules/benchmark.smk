@@ -27,8 +27,8 @@ rule peer_scvi:
         "../envs/scvi.yaml"
     shell:
         "{params.python:q} {params.script:q} --data {input.data:q} --split {input.split:q} "
-        "--model {input.model:q} --likelihood {wildcards.likelihood} --iw-samples {params.iw_samples} "
-        "--seed {params.seed} --threads {threads} --out {output:q} > {log:q} 2>&1"
+        "--model {input.model:q} --likelihood {wildcards.likelihood:q} --iw-samples {params.iw_samples:q} "
+        "--seed {params.seed:q} --threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
 rule peer_scanpy:

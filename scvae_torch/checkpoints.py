@@ -143,7 +143,12 @@ def _resume_state(out: Path, cfg: ModelConfig, model: VAE, optimiser: torch.opti
     if problems:
         log.warning("%s; resuming from the previous checkpoint %s (epoch %d)", problems[0], path, state["epoch"])
         copy_file(path, out / CHECKPOINT)  # so the damaged file can never be rotated into checkpoint.prev.pt
-    if state.get("model_config") != cfg.to_dict():
+    saved = state.get("model_config")
+    try:  # a checkpoint from before a setting existed holds that setting's default
+        saved = ModelConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        pass
+    if saved != cfg.to_dict():
         raise TrainingError(f"{path} holds a different model ({state.get('model_config')}); "
                             "use a new output folder or delete it")
     if tc is not None:  # other settings (but epochs, device, ...) would be recorded without being applied

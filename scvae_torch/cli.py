@@ -258,17 +258,6 @@ _SIM_DEFAULTS = {"poisson-check": {"cells": 2000, "genes": 10},
                  "single-cell": {"cells": 5000, "genes": 2000, "types": 6, "sparsity": 0.9, "batches": 1}}
 
 
-def _positive_int(text: str) -> int:
-    """Parse a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
 def _open_fraction(text: str) -> float:
     """Parse a fraction strictly between 0 and 1."""
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from workflow_copy import copy_workflow
+from workflow_copy import copy_workflow, job_counts
 
 pytestmark = pytest.mark.integration
 
@@ -44,18 +44,6 @@ def snakemake(cwd: Path, *args: str, env: dict | None = None, check: bool = True
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return proc
-
-
-def job_counts(output: str) -> dict[str, int]:
-    lines = output.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("Job stats:"))
-    counts = {}
-    for line in lines[start + 3:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
 
 
 REDUCED = {

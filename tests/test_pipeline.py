@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from workflow_copy import copy_workflow
+from workflow_copy import copy_workflow, job_counts
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ if SNAKEMAKE is None:
     pytest.skip("the snakemake command is not on PATH", allow_module_level=True)
 
 
-def snakemake(cwd: Path, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(cwd: Path, *args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess:
     """Run the snakemake CLI in cwd; on an unexpected failure show the end of its output."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([SNAKEMAKE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -49,19 +49,6 @@ def executed(output: str) -> dict[str, int]:
         match = re.fullmatch(r"(?:local)?(?:rule|checkpoint) (\w+):", line.strip())
         if match and match.group(1) != "all":
             counts[match.group(1)] = counts.get(match.group(1), 0) + 1
-    return counts
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """The 'Job stats' table Snakemake prints (first one), as {rule: count}."""
-    lines = output.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("Job stats:"))
-    counts = {}
-    for line in lines[start + 3:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
     return counts
 
 

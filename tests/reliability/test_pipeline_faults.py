@@ -52,7 +52,8 @@ def command(*extra: str) -> list[str]:
 
 
 def run(work: Path, *extra: str) -> None:
-    proc = subprocess.run(command(*extra), cwd=work, env=python_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command(*extra), cwd=work, env=python_env(), capture_output=True, text=True,
+                          timeout=1800)  # a hang guard
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
