@@ -61,6 +61,6 @@ table = pd.DataFrame(rows, columns=COLUMNS)
 table["iw_samples"] = table["iw_samples"].astype("Int64")
 _common.write_table(table, snakemake.output.tsv)
 shown = table.astype(object).where(table.notna(), "-")  # no ELBO for the scanpy route
-_common.atomic_text("# Benchmark: scvae-torch against scVI and the scanpy route (per test cell; ARI and AMI on "
-                    "test cells)\n\n" + _common.markdown(shown), snakemake.output.md)
+_common.write_text(snakemake.output.md, "# Benchmark: scvae-torch against scVI and the scanpy route (per test cell; "
+                   "ARI and AMI on test cells)\n\n" + _common.markdown(shown))
 print(table.to_string())

@@ -25,5 +25,5 @@ scores = {name: {**evaluation.cluster_scores(labels[test], pred[test]), "cluster
           for name, pred in methods.items()}
 metrics = {"implementation": result["implementation"], "n_pcs": result["n_pcs"], "k": k,
            "test_cells": int(len(test)), "seconds": result["seconds"], "methods": scores}
-_common.atomic_text(json.dumps(metrics, indent=2) + "\n", snakemake.output[0])
+_common.write_text(snakemake.output[0], json.dumps(metrics, indent=2) + "\n")
 print(json.dumps(metrics, indent=2))

@@ -45,5 +45,5 @@ clusters = evaluation.kmeans_labels(result.pop("latent").astype("float64"), k, a
 metrics = {**result, "likelihood": args.likelihood, "latent": ours["latent"], "max_epochs": epochs, "k": k,
            "iw_samples": args.iw_samples, "test_cells": int(len(test)),
            **evaluation.cluster_scores(labels[test], clusters[test])}
-_common.atomic_text(json.dumps(metrics, indent=2) + "\n", args.out)
+_common.write_text(args.out, json.dumps(metrics, indent=2) + "\n")
 print(json.dumps(metrics, indent=2))
