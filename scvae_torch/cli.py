@@ -255,7 +255,8 @@ def _cmd_download(args: argparse.Namespace) -> None:
 # mirrors the defaults of scvae_torch.simulate (tests/test_simulate.py checks they agree), so --help stays fast
 _SIM_DEFAULTS = {"poisson-check": {"cells": 2000, "genes": 10},
                  "gmvae-mixture": {"cells": 10000, "genes": 10, "types": 5},
-                 "single-cell": {"cells": 5000, "genes": 2000, "types": 6, "sparsity": 0.9, "batches": 1}}
+                 "single-cell": {"cells": 5000, "genes": 2000, "types": 6, "sparsity": 0.9, "batches": 1,
+                                 "hard": False}}
 
 
 def _open_fraction(text: str) -> float:
@@ -296,6 +297,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", type=_positive_int, metavar="B", default=argparse.SUPPRESS,
                    help="single-cell only: batches with a known per-gene batch effect, in obs['batch'] (batch0 is "
                         f"the batch-free reference; default: {d['single-cell']['batches']}, none)")
+    p.add_argument("--hard", action="store_true", default=argparse.SUPPRESS,
+                   help="single-cell only: unequal type sizes (Zipf), library sizes spread twice as wide and a "
+                        "continuous cell state unrelated to type (the clustering study's set)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; the same seed gives the same file")
     p.set_defaults(func=_cmd_simulate)
 
@@ -310,7 +314,8 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     from .data import Counts, write_canonical
     from .io.atomic import write_text
 
-    given = {k: getattr(args, k) for k in ("cells", "genes", "types", "sparsity", "batches") if hasattr(args, k)}
+    given = {k: getattr(args, k) for k in ("cells", "genes", "types", "sparsity", "batches", "hard")
+             if hasattr(args, k)}
     unused = sorted(set(given) - set(_SIM_DEFAULTS[args.kind]))
     if unused:
         raise UsageError(f"{args.kind} does not use " + ", ".join(f"--{k}" for k in unused))
@@ -325,7 +330,8 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
             sim = simulate.gmvae_mixture(options["cells"], options["genes"], options["types"], seed=args.seed)
         else:
             sim = simulate.single_cell(options["cells"], options["genes"], options["types"], seed=args.seed,
-                                       sparsity=options["sparsity"], batches=options["batches"])
+                                       sparsity=options["sparsity"], batches=options["batches"],
+                                       hard=options["hard"])
     except ValueError as err:  # the generators' checks on sizes that do not fit together
         raise UsageError(str(err)) from None
     n_cells, n_genes = sim.X.shape

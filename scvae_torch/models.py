@@ -255,10 +255,11 @@ def _sample_chunks(samples: int, elements_per_sample: int, budget: int = 2 ** 24
 
 
 class GMVAE(VAE):
-    """Gaussian-mixture VAE (scVAE): q(y|x) q(z|x,y), p(z|y) learned Gaussians, p(y) uniform.
+    """Gaussian-mixture VAE (scVAE): q(y|x) q(z|x,y), p(z|y) learned Gaussians, p(y) uniform or learned.
 
     The ELBO sums over all K values of y exactly, weighted by q(y|x) (no sampling of y):
       ELBO = sum_y q(y|x) [E_q(z|x,y) log p(x|z) - KL(q(z|x,y) || p(z|y))] - KL(q(y|x) || p(y)).
+    A learned p(y) is maximised by the mean of q(y|x) over the cells (the M-step of a mixture's weights).
     """
 
     def _build_encoder(self) -> MLP:
@@ -284,6 +285,15 @@ class GMVAE(VAE):
         K, L = self.cfg.components, self.cfg.latent
         self.prior_mu = nn.Parameter(torch.randn(K, L))
         self.prior_logvar = nn.Parameter(torch.zeros(K, L))
+        if self.cfg.prior_y == "learned":  # mixture weights p(y) = softmax(logits), learned with the rest
+            self.prior_y_logits = nn.Parameter(torch.zeros(K))
+
+    def log_prior_y(self) -> Tensor:
+        """log p(y), shape (K,): uniform, or the learned mixture weights."""
+        K = self.cfg.components
+        if self.cfg.prior_y == "learned":
+            return torch.log_softmax(self.prior_y_logits.float(), dim=-1)
+        return torch.full((K,), -math.log(K), device=self.prior_mu.device)
 
     def y_log_probs(self, x: Tensor, batch: Tensor | None = None) -> Tensor:
         """log q(y|x), shape (cells, K)."""
@@ -345,7 +355,8 @@ class GMVAE(VAE):
         kl_zk = gaussian_kl(mu, logvar, p_mu[None], p_logvar[None])     # (cells, K)
         log_lik = (qy * log_px_k).sum(-1)
         kl_z = (qy * kl_zk).sum(-1)
-        kl_y = (qy * log_qy).sum(-1) + math.log(K)                      # KL(q(y|x) || uniform)
+        log_py = torch.full((K,), -math.log(K), device=qy.device) if pretrain else self.log_prior_y()
+        kl_y = (qy * (log_qy - log_py)).sum(-1)                         # KL(q(y|x) || p(y))
         elbo = log_lik - kl_z - kl_y
         reg = "none" if pretrain else self.cfg.y_regularisation
         if reg == "kl":
@@ -369,6 +380,7 @@ class GMVAE(VAE):
         mu, logvar = self.encode_z(x, batch)
         p_mu, p_logvar = self._prior()
         K = self.cfg.components
+        log_py = self.log_prior_y()
         terms = []
         for s in _sample_chunks(samples, K * x.shape[0] * x.shape[1]):
             for _ in range(s):
@@ -376,7 +388,7 @@ class GMVAE(VAE):
                 # p(x) = sum_y E_q(z|x,y)[p(x|z) p(z|y) p(y) / q(z|x,y)]: y enumerated, not sampled
                 terms.append(self._log_px_per_component(x, z, counts, batch)
                              + gaussian_log_prob(z, p_mu[None], p_logvar[None])
-                             - math.log(K) - gaussian_log_prob(z, mu, logvar))
+                             + log_py - gaussian_log_prob(z, mu, logvar))
         return torch.logsumexp(torch.cat(terms, dim=-1), dim=-1) - math.log(samples)
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -153,8 +154,13 @@ def evaluate_terms(model: VAE, X: sp.csr_matrix | Source, rows: np.ndarray, devi
 
 @torch.no_grad()
 def init_mixture_prior(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray, device: torch.device,
-                       seed: int, batch_codes: np.ndarray | None = None) -> None:
-    """Set p(z|y) to k-means clusters of the pre-trained latent means (means and per-dimension variances)."""
+                       seed: int, batch_codes: np.ndarray | None = None, restarts: int = 1,
+                       score: Callable[[], float] | None = None) -> int:
+    """Set p(z|y) (and a learned p(y)) from k-means clusters of the pre-trained latent means.
+
+    With restarts > 1, k-means runs with seeds seed, seed + 1, ...; each initialisation is scored by `score`
+    (the validation ELBO: never labels) and the best is kept. Returns the index of the restart kept.
+    """
     from sklearn.cluster import KMeans
 
     model.eval()
@@ -163,15 +169,30 @@ def init_mixture_prior(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray
                                   batch_tensor(batch_codes, rows[s:s + 1024], device))[0].mean(1).cpu()
                    for s in range(0, len(rows), 1024)]).double().numpy()
     K = model.cfg.components
-    km = KMeans(n_clusters=K, n_init=10, random_state=seed).fit(Z)
-    means = km.cluster_centers_
-    logvars = np.zeros_like(means)
-    for k in range(K):
-        members = Z[km.labels_ == k]
-        if len(members) > 1:
-            logvars[k] = np.log(members.var(0) + 1e-4)
-    model.prior_mu.copy_(torch.as_tensor(means, dtype=model.prior_mu.dtype))
-    model.prior_logvar.copy_(torch.as_tensor(logvars, dtype=model.prior_logvar.dtype))
+    best, best_state = -math.inf, None
+    for r in range(restarts):
+        labels = KMeans(n_clusters=K, n_init=10, random_state=seed + r).fit_predict(Z)
+        means, logvars = np.zeros((K, Z.shape[1])), np.zeros((K, Z.shape[1]))
+        sizes = np.bincount(labels, minlength=K)
+        for k in range(K):
+            members = Z[labels == k]
+            means[k] = members.mean(0) if len(members) else Z.mean(0)
+            if len(members) > 1:
+                logvars[k] = np.log(members.var(0) + 1e-4)
+        model.prior_mu.copy_(torch.as_tensor(means, dtype=model.prior_mu.dtype))
+        model.prior_logvar.copy_(torch.as_tensor(logvars, dtype=model.prior_logvar.dtype))
+        if model.cfg.prior_y == "learned":  # the clusters' shares, never below half a cell
+            model.prior_y_logits.copy_(torch.as_tensor(np.log(np.maximum(sizes, 0.5) / len(Z)),
+                                                       dtype=model.prior_y_logits.dtype))
+        if restarts == 1 or score is None:
+            return 0
+        value = score()
+        log.info("k-means initialisation %d of %d: validation ELBO %.6g", r + 1, restarts, value)
+        if value > best:
+            best, best_r = value, r
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return best_r
 
 
 def adam(model: VAE, tc: TrainConfig) -> torch.optim.Adam:
@@ -266,8 +287,13 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
             t0 = time.perf_counter()
             pretraining = isinstance(model, GMVAE) and epoch < tc.pretrain_epochs
             if isinstance(model, GMVAE) and tc.pretrain_epochs and epoch == tc.pretrain_epochs and batch0 == 0:
-                init_mixture_prior(model, source, train_idx, device, tc.seed, codes)
-                log.info("initialised p(z|y) by k-means on the pre-trained latent")
+                score_rows = val_idx if len(val_idx) else train_idx
+                kept = init_mixture_prior(
+                    model, source, train_idx, device, tc.seed, codes, tc.init_restarts,
+                    lambda rows=score_rows: evaluate_terms(model, source, rows, device, batch_size=tc.batch_size,
+                                                           batch_codes=codes)["elbo"])
+                log.info("initialised p(z|y) by k-means on the pre-trained latent (restart %d of %d kept)",
+                         kept + 1, tc.init_restarts)
             weight = kl_weight(epoch, tc.kl_warmup)
             perm = source.epoch_order(train_idx, tc.seed, epoch)
             model.train()
