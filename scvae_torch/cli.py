@@ -14,6 +14,7 @@ from .config import (
     LIKELIHOODS,
     MODELS,
     PRECISIONS,
+    PRIORS_Y,
     SIMULATIONS,
     STREAM_ABOVE_GB,
     STREAMING,
@@ -382,9 +383,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="feed the raw counts to the encoders instead of log(1+x)")
     p.add_argument("--log1p-input", dest="log1p_input", action="store_true",
                    help="feed log(1+x) to the encoders (the default)")
-    p.add_argument("--library-size", action="store_true", help="decoder mean = library size x softmax over genes")
+    p.add_argument("--library-size", dest="library_size", action="store_true", default=m.library_size,
+                   help="decoder mean = the cell's observed library size x softmax over genes (scVI's scaling)")
+    p.add_argument("--no-library-size", dest="library_size", action="store_false",
+                   help="decoder mean free (the latent carries the library size; the paper's model)")
     p.add_argument("--y-regularisation", default=m.y_regularisation,
                    help=f"GMVAE y term: {_one_of(Y_REGULARISATIONS)} (supervised needs labels)")
+    p.add_argument("--prior-y", default=m.prior_y,
+                   help=f"GMVAE mixture weights p(y): {_one_of(PRIORS_Y)}")
     p.add_argument("--free-nats", type=float, default=m.free_nats, help="free nats for the KL terms")
     p.add_argument("--epochs", type=int, default=t.epochs,
                    help="most epochs (a resumed run continues up to this); default: from the number of cells, "
@@ -400,6 +406,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrain-epochs", type=int, default=t.pretrain_epochs,
                    help="GMVAE: epochs as a plain VAE before p(z|y) is initialised by k-means; default: "
                         "min(10, epochs / 3)")
+    p.add_argument("--init-restarts", type=int, default=t.init_restarts,
+                   help="GMVAE: k-means initialisations of p(z|y) after pre-training; the best validation ELBO is kept")
     p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every, help="epochs between checkpoints")
     p.add_argument("--seed", type=int, default=t.seed, help="random seed (split, initialisation, minibatches)")
     p.add_argument("--device", default=t.device, help=f"{_one_of(DEVICES)} (auto: CUDA when available)")
@@ -422,7 +430,7 @@ def _model_train_configs(args: argparse.Namespace) -> tuple[dict, object]:
 
     model = {k: getattr(args, k) for k in ("model", "likelihood", "encoder", "decoder", "latent", "components",
                                            "dispersion", "dropout", "batch_norm", "log1p_input", "library_size",
-                                           "y_regularisation", "free_nats", "batch_encoder")}
+                                           "y_regularisation", "prior_y", "free_nats", "batch_encoder")}
     if args.batch_encoder and not args.batch:
         raise UsageError("--batch-encoder needs --batch")
     if args.dispersion == "gene-batch" and not args.batch:
@@ -431,7 +439,8 @@ def _model_train_configs(args: argparse.Namespace) -> tuple[dict, object]:
         train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             weight_decay=args.weight_decay, kl_warmup=args.kl_warmup, seed=args.seed,
                             device=args.device, checkpoint_every=args.checkpoint_every,
-                            pretrain_epochs=args.pretrain_epochs, early_stopping=args.early_stopping,
+                            pretrain_epochs=args.pretrain_epochs, init_restarts=args.init_restarts,
+                            early_stopping=args.early_stopping,
                             patience=args.patience, threads=args.threads, precision=args.precision,
                             compile=args.compile, stream=args.stream, stream_above_gb=args.stream_above_gb)
         cfg = ModelConfig(n_features=1, **model, batches=["a"] if args.batch else [])  # checked before reading

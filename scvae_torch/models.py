@@ -211,10 +211,19 @@ class VAE(nn.Module):
         the batch codes to decode in, when the model has a batch covariate)."""
         return self.decoder(z, _log_library(x) if self.cfg.library_size else None, batch)
 
-    def forward(self, x: Tensor, kl_weight: float = 1.0, labels: Tensor | None = None,
+    def pretraining(self, epoch: int, pretrain_epochs: int) -> bool:
+        """Whether 0-based `epoch` trains as a plain VAE before the model's own prior is set: never for a VAE."""
+        return False
+
+    def initialise_after_pretraining(self, epoch: int, pretrain_epochs: int) -> bool:
+        """Whether the prior is to be initialised (init_mixture_prior) before 0-based `epoch`: never for a VAE."""
+        return False
+
+    def forward(self, x: Tensor, kl_weight: float = 1.0, labels: Tensor | None = None, pretrain: bool = False,
                 counts: Tensor | None = None, batch: Tensor | None = None) -> dict[str, Tensor]:
         """ELBO terms per cell, and the minibatch loss (negative ELBO per cell, KL weighted).
 
+        labels and pretrain are the GMVAE's (unused here, so that training calls every model alike);
         x: the counts, dense or a sparse CSR tensor (which makes the likelihood sparse-aware: same values);
         counts, the same cells as a sparse CSR tensor, does that for a dense x (default: x itself);
         batch: each cell's batch code (models with a batch covariate only).
@@ -294,6 +303,14 @@ class GMVAE(VAE):
         if self.cfg.prior_y == "learned":
             return torch.log_softmax(self.prior_y_logits.float(), dim=-1)
         return torch.full((K,), -math.log(K), device=self.prior_mu.device)
+
+    def pretraining(self, epoch: int, pretrain_epochs: int) -> bool:
+        """The first pretrain_epochs epochs train as a plain VAE (q(y|x) uniform, p(z|y) = N(0, I))."""
+        return epoch < pretrain_epochs
+
+    def initialise_after_pretraining(self, epoch: int, pretrain_epochs: int) -> bool:
+        """p(z|y) (and p(y)) are set from the pre-trained latent before the first epoch after pre-training."""
+        return pretrain_epochs > 0 and epoch == pretrain_epochs
 
     def y_log_probs(self, x: Tensor, batch: Tensor | None = None) -> Tensor:
         """log q(y|x), shape (cells, K)."""

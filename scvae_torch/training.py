@@ -285,8 +285,8 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
         epochs_run = 0
         while epoch < tc.epochs and not stops_early(tc, epoch, best_epoch, len(val_idx)):
             t0 = time.perf_counter()
-            pretraining = isinstance(model, GMVAE) and epoch < tc.pretrain_epochs
-            if isinstance(model, GMVAE) and tc.pretrain_epochs and epoch == tc.pretrain_epochs and batch0 == 0:
+            pretraining = model.pretraining(epoch, tc.pretrain_epochs)
+            if model.initialise_after_pretraining(epoch, tc.pretrain_epochs) and batch0 == 0:
                 score_rows = val_idx if len(val_idx) else train_idx
                 kept = init_mixture_prior(
                     model, source, train_idx, device, tc.seed, codes, tc.init_restarts,
@@ -306,8 +306,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                 b_kw = {} if batch_t is None else {"batch": batch_t[rows].to(device, non_blocking=True)}
                 optimiser.zero_grad(set_to_none=True)  # before the forward pass: last step's gradients freed
                 with autocast:  # the likelihood inside always runs in float32 (models.log_px)
-                    result = model(batch.counts, kl_weight=weight, labels=y, pretrain=pretraining, **b_kw) \
-                        if isinstance(model, GMVAE) else model(batch.counts, kl_weight=weight, **b_kw)
+                    result = model(batch.counts, kl_weight=weight, labels=y, pretrain=pretraining, **b_kw)
                 loss = result["loss"]
                 if device.type == "cpu" and not torch.isfinite(loss):  # on a GPU checked once per epoch, below:
                     raise TrainingError(f"non-finite loss at epoch {epoch + 1}, minibatch {b + 1}: stopped; "
@@ -341,7 +340,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                 raise TrainingError(f"non-finite validation ELBO at epoch {epoch}: stopped; "
                                     f"{provenance.checkpoint_note(out)}")
             # a GMVAE still pre-training is not a candidate for best.pt (its p(z|y) is not set), unless it never ends
-            if val_elbo > best_val and not (isinstance(model, GMVAE) and tc.pretrain_epochs >= epoch < tc.epochs):
+            if val_elbo > best_val and not (model.pretraining(epoch - 1, tc.pretrain_epochs) and epoch < tc.epochs):
                 best_val, best_epoch = val_elbo, epoch
                 torch_save({"format": CHECKPOINT_FORMAT, "model_config": cfg.to_dict(),
                                    "model_state": model.state_dict(), "epoch": epoch, "val_elbo": val_elbo},
