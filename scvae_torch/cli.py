@@ -405,7 +405,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kl-warmup", type=int, default=t.kl_warmup, help="epochs of linear KL warm-up (0: none)")
     p.add_argument("--pretrain-epochs", type=int, default=t.pretrain_epochs,
                    help="GMVAE: epochs as a plain VAE before p(z|y) is initialised by k-means; default: "
-                        "min(10, epochs / 3)")
+                        "min(20, epochs / 3)")
     p.add_argument("--init-restarts", type=int, default=t.init_restarts,
                    help="GMVAE: k-means initialisations of p(z|y) after pre-training; the best validation ELBO is kept")
     p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every, help="epochs between checkpoints")

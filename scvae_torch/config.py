@@ -52,9 +52,9 @@ class ModelConfig:
     dropout: float = 0.0
     batch_norm: bool = True
     log1p_input: bool = True
-    library_size: bool = False
+    library_size: bool = True  # decoded mean = observed library size x softmax (docs/clustering.md)
     y_regularisation: str = "kl"
-    prior_y: str = "uniform"  # GMVAE mixture weights p(y): uniform (scVAE's default) or learned
+    prior_y: str = "learned"  # GMVAE mixture weights p(y): learned, or uniform (scVAE's default)
     free_nats: float = 0.0
     batches: list[str] = field(default_factory=list)  # batch covariate's categories (code = position); [] = none
     batch_encoder: bool = False  # the encoders see the batch too (the decoder always does when there is one)
@@ -168,6 +168,9 @@ def default_epochs(n_cells: int) -> int:
     return int(min(MAX_EPOCHS, max(1, round(EPOCH_BUDGET_CELLS / max(n_cells, 1)))))
 
 
+PRETRAIN_EPOCHS = 20  # GMVAE pre-training when none is given (10 split the largest type: docs/clustering.md)
+
+
 def default_pretrain_epochs(epochs: int) -> int:
     """GMVAE pre-training (as a VAE, then p(z|y) by k-means on its latent) when none is given."""
-    return min(10, epochs // 3)
+    return min(PRETRAIN_EPOCHS, epochs // 3)

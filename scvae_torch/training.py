@@ -156,7 +156,8 @@ def evaluate_terms(model: VAE, X: sp.csr_matrix | Source, rows: np.ndarray, devi
 def init_mixture_prior(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray, device: torch.device,
                        seed: int, batch_codes: np.ndarray | None = None, restarts: int = 1,
                        score: Callable[[], float] | None = None) -> int:
-    """Set p(z|y) (and a learned p(y)) from k-means clusters of the pre-trained latent means.
+    """Set p(z|y) (and a learned p(y)) from k-means clusters of the pre-trained latent means, and start q(y|x)
+    at those clusters (Y_ENCODER_EPOCHS of cross-entropy on q(y|x)'s own parameters).
 
     With restarts > 1, k-means runs with seeds seed, seed + 1, ...; each initialisation is scored by `score`
     (the validation ELBO: never labels) and the best is kept. Returns the index of the restart kept.
@@ -184,6 +185,10 @@ def init_mixture_prior(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray
         if model.cfg.prior_y == "learned":  # the clusters' shares, never below half a cell
             model.prior_y_logits.copy_(torch.as_tensor(np.log(np.maximum(sizes, 0.5) / len(Z)),
                                                        dtype=model.prior_y_logits.dtype))
+        # q(y|x) was held uniform in pre-training, so its network is untrained: left so, the first epochs pull
+        # every q(z|x,y) towards its p(z|y) and the mixture collapses onto a few components (measured in
+        # docs/clustering.md); started at the clusters, q(y|x) keeps them apart
+        _fit_y_encoder(model, source, rows, labels, device, seed + r, Y_ENCODER_EPOCHS, batch_codes)
         if restarts == 1 or score is None:
             return 0
         value = score()
@@ -193,6 +198,33 @@ def init_mixture_prior(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
     return best_r
+
+
+Y_ENCODER_EPOCHS = 5  # epochs of cross-entropy that start q(y|x) at the k-means clusters
+
+
+def _fit_y_encoder(model: GMVAE, source, rows: np.ndarray, labels: np.ndarray, device: torch.device, seed: int,
+                   epochs: int, batch_codes: np.ndarray | None = None) -> None:
+    """Start q(y|x) at the k-means clusters: a few epochs of cross-entropy on its own parameters only."""
+    params = [*model.y_encoder.parameters(), *model.y_logits.parameters()]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    target = torch.as_tensor(labels, dtype=torch.long, device=device)
+    gen = np.random.default_rng(seed)
+    model.train()
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = gen.permutation(len(rows))
+            for s in range(0, len(order), 128):
+                part = order[s:s + 128]
+                if len(part) < 2:
+                    continue
+                log_qy = model.y_log_probs(source.batch(rows[part]).counts,
+                                           batch_tensor(batch_codes, rows[part], device))
+                loss = torch.nn.functional.nll_loss(log_qy, target[part])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    model.eval()
 
 
 def adam(model: VAE, tc: TrainConfig) -> torch.optim.Adam:
