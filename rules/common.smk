@@ -19,7 +19,7 @@ Y_REGULARISATIONS = scvae_torch.config.Y_REGULARISATIONS
 SIMULATE_KEYS = {
     "poisson-check": {"kind", "n_cells", "n_features", "seed"},
     "gmvae-mixture": {"kind", "n_cells", "n_features", "n_clusters", "seed"},
-    "single-cell": {"kind", "n_cells", "n_genes", "n_types", "sparsity", "seed"},
+    "single-cell": {"kind", "n_cells", "n_genes", "n_types", "sparsity", "hard", "seed"},
 }
 SOURCES = ("simulate", "download", "file")
 ENV = "../envs/scvae-torch.yaml"

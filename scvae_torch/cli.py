@@ -14,6 +14,7 @@ from .config import (
     LIKELIHOODS,
     MODELS,
     PRECISIONS,
+    PRIORS_Y,
     SIMULATIONS,
     STREAM_ABOVE_GB,
     STREAMING,
@@ -255,7 +256,8 @@ def _cmd_download(args: argparse.Namespace) -> None:
 # mirrors the defaults of scvae_torch.simulate (tests/test_simulate.py checks they agree), so --help stays fast
 _SIM_DEFAULTS = {"poisson-check": {"cells": 2000, "genes": 10},
                  "gmvae-mixture": {"cells": 10000, "genes": 10, "types": 5},
-                 "single-cell": {"cells": 5000, "genes": 2000, "types": 6, "sparsity": 0.9, "batches": 1}}
+                 "single-cell": {"cells": 5000, "genes": 2000, "types": 6, "sparsity": 0.9, "batches": 1,
+                                 "hard": False}}
 
 
 def _open_fraction(text: str) -> float:
@@ -296,6 +298,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", type=_positive_int, metavar="B", default=argparse.SUPPRESS,
                    help="single-cell only: batches with a known per-gene batch effect, in obs['batch'] (batch0 is "
                         f"the batch-free reference; default: {d['single-cell']['batches']}, none)")
+    p.add_argument("--hard", action="store_true", default=argparse.SUPPRESS,
+                   help="single-cell only: unequal type sizes (Zipf), library sizes spread twice as wide and a "
+                        "continuous cell state unrelated to type (the clustering study's set)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; the same seed gives the same file")
     p.set_defaults(func=_cmd_simulate)
 
@@ -310,7 +315,8 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     from .data import Counts, write_canonical
     from .io.atomic import write_text
 
-    given = {k: getattr(args, k) for k in ("cells", "genes", "types", "sparsity", "batches") if hasattr(args, k)}
+    given = {k: getattr(args, k) for k in ("cells", "genes", "types", "sparsity", "batches", "hard")
+             if hasattr(args, k)}
     unused = sorted(set(given) - set(_SIM_DEFAULTS[args.kind]))
     if unused:
         raise UsageError(f"{args.kind} does not use " + ", ".join(f"--{k}" for k in unused))
@@ -325,7 +331,8 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
             sim = simulate.gmvae_mixture(options["cells"], options["genes"], options["types"], seed=args.seed)
         else:
             sim = simulate.single_cell(options["cells"], options["genes"], options["types"], seed=args.seed,
-                                       sparsity=options["sparsity"], batches=options["batches"])
+                                       sparsity=options["sparsity"], batches=options["batches"],
+                                       hard=options["hard"])
     except ValueError as err:  # the generators' checks on sizes that do not fit together
         raise UsageError(str(err)) from None
     n_cells, n_genes = sim.X.shape
@@ -376,9 +383,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="feed the raw counts to the encoders instead of log(1+x)")
     p.add_argument("--log1p-input", dest="log1p_input", action="store_true",
                    help="feed log(1+x) to the encoders (the default)")
-    p.add_argument("--library-size", action="store_true", help="decoder mean = library size x softmax over genes")
+    p.add_argument("--library-size", dest="library_size", action="store_true", default=m.library_size,
+                   help="decoder mean = the cell's observed library size x softmax over genes (scVI's scaling)")
+    p.add_argument("--no-library-size", dest="library_size", action="store_false",
+                   help="decoder mean free (the latent carries the library size; the paper's model)")
     p.add_argument("--y-regularisation", default=m.y_regularisation,
                    help=f"GMVAE y term: {_one_of(Y_REGULARISATIONS)} (supervised needs labels)")
+    p.add_argument("--prior-y", default=m.prior_y,
+                   help=f"GMVAE mixture weights p(y): {_one_of(PRIORS_Y)}")
     p.add_argument("--free-nats", type=float, default=m.free_nats, help="free nats for the KL terms")
     p.add_argument("--epochs", type=int, default=t.epochs,
                    help="most epochs (a resumed run continues up to this); default: from the number of cells, "
@@ -393,7 +405,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kl-warmup", type=int, default=t.kl_warmup, help="epochs of linear KL warm-up (0: none)")
     p.add_argument("--pretrain-epochs", type=int, default=t.pretrain_epochs,
                    help="GMVAE: epochs as a plain VAE before p(z|y) is initialised by k-means; default: "
-                        "min(10, epochs / 3)")
+                        "min(20, epochs / 3)")
+    p.add_argument("--init-restarts", type=int, default=t.init_restarts,
+                   help="GMVAE: k-means initialisations of p(z|y) after pre-training; the best validation ELBO is kept")
     p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every, help="epochs between checkpoints")
     p.add_argument("--seed", type=int, default=t.seed, help="random seed (split, initialisation, minibatches)")
     p.add_argument("--device", default=t.device, help=f"{_one_of(DEVICES)} (auto: CUDA when available)")
@@ -416,7 +430,7 @@ def _model_train_configs(args: argparse.Namespace) -> tuple[dict, object]:
 
     model = {k: getattr(args, k) for k in ("model", "likelihood", "encoder", "decoder", "latent", "components",
                                            "dispersion", "dropout", "batch_norm", "log1p_input", "library_size",
-                                           "y_regularisation", "free_nats", "batch_encoder")}
+                                           "y_regularisation", "prior_y", "free_nats", "batch_encoder")}
     if args.batch_encoder and not args.batch:
         raise UsageError("--batch-encoder needs --batch")
     if args.dispersion == "gene-batch" and not args.batch:
@@ -425,7 +439,8 @@ def _model_train_configs(args: argparse.Namespace) -> tuple[dict, object]:
         train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             weight_decay=args.weight_decay, kl_warmup=args.kl_warmup, seed=args.seed,
                             device=args.device, checkpoint_every=args.checkpoint_every,
-                            pretrain_epochs=args.pretrain_epochs, early_stopping=args.early_stopping,
+                            pretrain_epochs=args.pretrain_epochs, init_restarts=args.init_restarts,
+                            early_stopping=args.early_stopping,
                             patience=args.patience, threads=args.threads, precision=args.precision,
                             compile=args.compile, stream=args.stream, stream_above_gb=args.stream_above_gb)
         cfg = ModelConfig(n_features=1, **model, batches=["a"] if args.batch else [])  # checked before reading

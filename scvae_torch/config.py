@@ -10,6 +10,7 @@ LIKELIHOODS: tuple[str, ...] = ("poisson", "nb", "zip", "zinb")
 MODELS: tuple[str, ...] = ("vae", "gmvae")
 DISPERSIONS: tuple[str, ...] = ("gene", "gene-cell", "gene-batch")
 Y_REGULARISATIONS: tuple[str, ...] = ("kl", "none", "supervised")
+PRIORS_Y: tuple[str, ...] = ("uniform", "learned")  # GMVAE mixture weights p(y)
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
 STREAMING: tuple[str, ...] = ("auto", "on", "off")
@@ -51,8 +52,9 @@ class ModelConfig:
     dropout: float = 0.0
     batch_norm: bool = True
     log1p_input: bool = True
-    library_size: bool = False
+    library_size: bool = True  # decoded mean = observed library size x softmax (docs/clustering.md)
     y_regularisation: str = "kl"
+    prior_y: str = "learned"  # GMVAE mixture weights p(y): learned, or uniform (scVAE's default)
     free_nats: float = 0.0
     batches: list[str] = field(default_factory=list)  # batch covariate's categories (code = position); [] = none
     batch_encoder: bool = False  # the encoders see the batch too (the decoder always does when there is one)
@@ -69,6 +71,7 @@ class ModelConfig:
              f"unknown dispersion {self.dispersion!r} (choose from {', '.join(DISPERSIONS)})"),
             (self.y_regularisation in Y_REGULARISATIONS,
              f"unknown y_regularisation {self.y_regularisation!r} (choose from {', '.join(Y_REGULARISATIONS)})"),
+            (self.prior_y in PRIORS_Y, f"unknown prior_y {self.prior_y!r} (choose from {', '.join(PRIORS_Y)})"),
             (self.n_features >= 1, f"n_features must be >= 1, got {self.n_features}"),
             (self.latent >= 1, f"latent size must be >= 1, got {self.latent}"),
             (all(s >= 1 for s in self.encoder + self.decoder), "hidden layer sizes must be >= 1"),
@@ -110,6 +113,7 @@ class TrainConfig:
     device: str = "auto"        # auto | cpu | cuda
     checkpoint_every: int = 10  # epochs
     pretrain_epochs: int | None = None  # GMVAE: epochs as a plain VAE before p(z|y) is set by k-means (None: auto)
+    init_restarts: int = 1      # GMVAE: k-means initialisations of p(z|y) tried; the best validation ELBO is kept
     early_stopping: bool = True  # stop when the validation ELBO has not improved for `patience` epochs
     patience: int = 30          # epochs without a better validation ELBO before early stopping
     iw_samples: int = 0         # importance samples for the validation log-likelihood each epoch (0 = off)
@@ -130,6 +134,7 @@ class TrainConfig:
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
             (self.pretrain_epochs is None or self.pretrain_epochs >= 0,
              f"pretrain_epochs must be >= 0, got {self.pretrain_epochs}"),
+            (self.init_restarts >= 1, f"init_restarts must be >= 1, got {self.init_restarts}"),
             (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
             (self.precision in PRECISIONS, f"precision must be float32 or bfloat16, got {self.precision!r}"),
@@ -163,6 +168,9 @@ def default_epochs(n_cells: int) -> int:
     return int(min(MAX_EPOCHS, max(1, round(EPOCH_BUDGET_CELLS / max(n_cells, 1)))))
 
 
+PRETRAIN_EPOCHS = 20  # GMVAE pre-training when none is given (10 split the largest type: docs/clustering.md)
+
+
 def default_pretrain_epochs(epochs: int) -> int:
     """GMVAE pre-training (as a VAE, then p(z|y) by k-means on its latent) when none is given."""
-    return min(10, epochs // 3)
+    return min(PRETRAIN_EPOCHS, epochs // 3)

@@ -211,10 +211,19 @@ class VAE(nn.Module):
         the batch codes to decode in, when the model has a batch covariate)."""
         return self.decoder(z, _log_library(x) if self.cfg.library_size else None, batch)
 
-    def forward(self, x: Tensor, kl_weight: float = 1.0, labels: Tensor | None = None,
+    def pretraining(self, epoch: int, pretrain_epochs: int) -> bool:
+        """Whether 0-based `epoch` trains as a plain VAE before the model's own prior is set: never for a VAE."""
+        return False
+
+    def initialise_after_pretraining(self, epoch: int, pretrain_epochs: int) -> bool:
+        """Whether the prior is to be initialised (init_mixture_prior) before 0-based `epoch`: never for a VAE."""
+        return False
+
+    def forward(self, x: Tensor, kl_weight: float = 1.0, labels: Tensor | None = None, pretrain: bool = False,
                 counts: Tensor | None = None, batch: Tensor | None = None) -> dict[str, Tensor]:
         """ELBO terms per cell, and the minibatch loss (negative ELBO per cell, KL weighted).
 
+        labels and pretrain are the GMVAE's (unused here, so that training calls every model alike);
         x: the counts, dense or a sparse CSR tensor (which makes the likelihood sparse-aware: same values);
         counts, the same cells as a sparse CSR tensor, does that for a dense x (default: x itself);
         batch: each cell's batch code (models with a batch covariate only).
@@ -255,10 +264,11 @@ def _sample_chunks(samples: int, elements_per_sample: int, budget: int = 2 ** 24
 
 
 class GMVAE(VAE):
-    """Gaussian-mixture VAE (scVAE): q(y|x) q(z|x,y), p(z|y) learned Gaussians, p(y) uniform.
+    """Gaussian-mixture VAE (scVAE): q(y|x) q(z|x,y), p(z|y) learned Gaussians, p(y) uniform or learned.
 
     The ELBO sums over all K values of y exactly, weighted by q(y|x) (no sampling of y):
       ELBO = sum_y q(y|x) [E_q(z|x,y) log p(x|z) - KL(q(z|x,y) || p(z|y))] - KL(q(y|x) || p(y)).
+    A learned p(y) is maximised by the mean of q(y|x) over the cells (the M-step of a mixture's weights).
     """
 
     def _build_encoder(self) -> MLP:
@@ -284,6 +294,23 @@ class GMVAE(VAE):
         K, L = self.cfg.components, self.cfg.latent
         self.prior_mu = nn.Parameter(torch.randn(K, L))
         self.prior_logvar = nn.Parameter(torch.zeros(K, L))
+        if self.cfg.prior_y == "learned":  # mixture weights p(y) = softmax(logits), learned with the rest
+            self.prior_y_logits = nn.Parameter(torch.zeros(K))
+
+    def log_prior_y(self) -> Tensor:
+        """log p(y), shape (K,): uniform, or the learned mixture weights."""
+        K = self.cfg.components
+        if self.cfg.prior_y == "learned":
+            return torch.log_softmax(self.prior_y_logits.float(), dim=-1)
+        return torch.full((K,), -math.log(K), device=self.prior_mu.device)
+
+    def pretraining(self, epoch: int, pretrain_epochs: int) -> bool:
+        """The first pretrain_epochs epochs train as a plain VAE (q(y|x) uniform, p(z|y) = N(0, I))."""
+        return epoch < pretrain_epochs
+
+    def initialise_after_pretraining(self, epoch: int, pretrain_epochs: int) -> bool:
+        """p(z|y) (and p(y)) are set from the pre-trained latent before the first epoch after pre-training."""
+        return pretrain_epochs > 0 and epoch == pretrain_epochs
 
     def y_log_probs(self, x: Tensor, batch: Tensor | None = None) -> Tensor:
         """log q(y|x), shape (cells, K)."""
@@ -345,7 +372,8 @@ class GMVAE(VAE):
         kl_zk = gaussian_kl(mu, logvar, p_mu[None], p_logvar[None])     # (cells, K)
         log_lik = (qy * log_px_k).sum(-1)
         kl_z = (qy * kl_zk).sum(-1)
-        kl_y = (qy * log_qy).sum(-1) + math.log(K)                      # KL(q(y|x) || uniform)
+        log_py = torch.full((K,), -math.log(K), device=qy.device) if pretrain else self.log_prior_y()
+        kl_y = (qy * (log_qy - log_py)).sum(-1)                         # KL(q(y|x) || p(y))
         elbo = log_lik - kl_z - kl_y
         reg = "none" if pretrain else self.cfg.y_regularisation
         if reg == "kl":
@@ -369,6 +397,7 @@ class GMVAE(VAE):
         mu, logvar = self.encode_z(x, batch)
         p_mu, p_logvar = self._prior()
         K = self.cfg.components
+        log_py = self.log_prior_y()
         terms = []
         for s in _sample_chunks(samples, K * x.shape[0] * x.shape[1]):
             for _ in range(s):
@@ -376,7 +405,7 @@ class GMVAE(VAE):
                 # p(x) = sum_y E_q(z|x,y)[p(x|z) p(z|y) p(y) / q(z|x,y)]: y enumerated, not sampled
                 terms.append(self._log_px_per_component(x, z, counts, batch)
                              + gaussian_log_prob(z, p_mu[None], p_logvar[None])
-                             - math.log(K) - gaussian_log_prob(z, mu, logvar))
+                             + log_py - gaussian_log_prob(z, mu, logvar))
         return torch.logsumexp(torch.cat(terms, dim=-1), dim=-1) - math.log(samples)
 
 

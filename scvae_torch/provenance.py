@@ -238,6 +238,10 @@ def inapplicable_options(cfg: ModelConfig, tc: TrainConfig) -> list[str]:
             notes.append(f"y_regularisation {cfg.y_regularisation!r} (only a GMVAE has y)")
         if cfg.components != defaults.components:
             notes.append(f"components {cfg.components} (only a GMVAE has components)")
+        if cfg.prior_y != defaults.prior_y:
+            notes.append(f"prior_y {cfg.prior_y!r} (only a GMVAE has p(y))")
+        if tc.init_restarts != TrainConfig().init_restarts:
+            notes.append(f"init_restarts {tc.init_restarts} (only a GMVAE's p(z|y) is initialised)")
     return notes
 
 

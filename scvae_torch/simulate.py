@@ -258,11 +258,14 @@ def _nb_counts(rng: np.random.Generator, library_sizes: np.ndarray, types: np.nd
     return sp.csr_matrix((data[:nnz], cols[:nnz], indptr), shape=(n_cells, n_genes))
 
 
+STATE_LEVELS = 8  # steps of the hard simulation's continuous cell state
+
+
 def single_cell(n_cells: int = 5000, n_genes: int = 2000, n_types: int = 6, seed: int = 0,
                 sparsity: float = 0.9, n_markers: int | None = None, fold: tuple[float, float] = (5.0, 10.0),
                 gene_sd: float = 1.5, library_sd: float = 0.4, dispersion_median: float = 2.0,
                 dispersion_sd: float = 0.75, batches: int = 1, batch_sd: float = 0.5,
-                batch_depth: tuple[float, ...] | None = None) -> Simulated:
+                batch_depth: tuple[float, ...] | None = None, hard: bool = False) -> Simulated:
     """Single-cell-like NB counts: cell types with marker genes, heavy-tailed means, library sizes, ~90% zeros.
 
     Gene log-means ~ N(0, gene_sd^2); each type multiplies its own n_markers genes (default: 5% of the genes, at
@@ -279,6 +282,12 @@ def single_cell(n_cells: int = 5000, n_genes: int = 2000, n_types: int = 6, seed
     library sizes by batch_depth[b] (default 1); batch 0 is the reference, so 'type_proportions' are the
     batch-free means (those of batch 0). Extra truth: 'batches' (codes), 'batch_factors' (batches x genes,
     row 0 all ones), 'batch_type_proportions' (batches x types x genes); `batch` holds "batch0", ... per cell.
+
+    hard=True makes the types harder to find, as real data are (the clustering study's set): type shares
+    unequal, proportional to 1, 1/2, 1/3, ... (Zipf); library sizes spread twice as wide (library_sd doubled);
+    and a continuous cell state unrelated to type, s_c ~ U(-1, 1) in STATE_LEVELS steps, that multiplies the
+    mean of 10% of the genes (markers included) by exp(s_c e_g), e_g ~ N(0, 1). Extra truth: 'cell_state'
+    (s_c), 'state_genes', 'state_effect' (e_g); 'type_proportions' are those at s = 0.
     """
     for name, value in (("n_cells", n_cells), ("n_genes", n_genes), ("n_types", n_types), ("batches", batches)):
         _positive(name, value)
@@ -300,22 +309,40 @@ def single_cell(n_cells: int = 5000, n_genes: int = 2000, n_types: int = 6, seed
     proportions /= proportions.sum(axis=1, keepdims=True)
     theta = dispersion_median * np.exp(rng.normal(0.0, dispersion_sd, size=n_genes))
     type_weights = rng.dirichlet(np.full(n_types, 10.0))
+    if hard:
+        type_weights = 1.0 / np.arange(1, n_types + 1)
+        type_weights /= type_weights.sum()
+        library_sd = 2.0 * library_sd
     types = rng.choice(n_types, size=n_cells, p=type_weights)
     size_factors = np.exp(rng.normal(0.0, library_sd, size=n_cells))
+    # "groups" of cells that share their mean proportions: the types, or (hard) the (type, state step) pairs
+    groups, group_p = types, proportions
+    labels = np.array([f"type{t}" for t in range(n_types)])[types]
+    truth = {"types": types, "type_proportions": proportions, "inverse_dispersion": theta, "marker_genes": markers,
+             "type_weights": type_weights}
+    if hard:
+        srng = np.random.Generator(np.random.PCG64([seed, 2]))  # its own stream: the types stay as without it
+        steps = np.linspace(-1.0, 1.0, STATE_LEVELS)
+        level = srng.integers(0, STATE_LEVELS, size=n_cells)
+        state_genes = srng.permutation(n_genes)[: max(1, n_genes // 10)]
+        effect = srng.normal(0.0, 1.0, size=state_genes.size)
+        shift = np.zeros((STATE_LEVELS, n_genes))
+        shift[:, state_genes] = steps[:, None] * effect[None, :]
+        group_p = proportions[:, None, :] * np.exp(shift)[None, :, :]
+        group_p = (group_p / group_p.sum(axis=2, keepdims=True)).reshape(-1, n_genes)
+        groups = types * STATE_LEVELS + level
+        truth.update(cell_state=steps[level], state_genes=state_genes, state_effect=effect)
 
-    # solve the library-size scale L0 on the realised cells: their type counts and library-size quantiles
-    realised = np.bincount(types, minlength=n_types) / n_cells
+    # solve the library-size scale L0 on the realised cells: their group counts and library-size quantiles
+    realised = np.bincount(groups, minlength=group_p.shape[0]) / n_cells
     n_quantiles = min(n_cells, 16)
     quantiles = np.quantile(size_factors, (np.arange(n_quantiles) + 0.5) / n_quantiles)
-    gap = lambda log_scale: _zero_fraction(np.exp(log_scale), quantiles, realised, proportions, theta) - sparsity
+    gap = lambda log_scale: _zero_fraction(np.exp(log_scale), quantiles, realised, group_p, theta) - sparsity
     scale = float(np.exp(brentq(gap, np.log(1e-6), np.log(1e12), xtol=1e-3)))
     library_sizes = scale * size_factors
-
-    labels = np.array([f"type{t}" for t in range(n_types)])[types]
-    truth = {"types": types, "type_proportions": proportions, "library_sizes": library_sizes,
-             "inverse_dispersion": theta, "marker_genes": markers, "type_weights": type_weights}
+    truth["library_sizes"] = library_sizes
     if batches == 1:
-        X = _nb_counts(rng, library_sizes, types, proportions, theta,
+        X = _nb_counts(rng, library_sizes, groups, group_p, theta,
                        expected_nnz=(1 - sparsity) * n_cells * n_genes)
         return Simulated(X, labels, truth)
     # a separate stream for the batch effect: the batch-free part is drawn exactly as without batches
@@ -327,11 +354,13 @@ def single_cell(n_cells: int = 5000, n_genes: int = 2000, n_types: int = 6, seed
     factors[0] = 1.0
     batch_p = proportions[None, :, :] * factors[:, None, :]
     batch_p /= batch_p.sum(axis=2, keepdims=True)
+    batch_group_p = group_p[None, :, :] * factors[:, None, :]
+    batch_group_p /= batch_group_p.sum(axis=2, keepdims=True)
     cell_batch = brng.integers(0, batches, size=n_cells)
     library_sizes = library_sizes * depth[cell_batch]
-    # (batch, type) pairs as the "types" of _nb_counts: row b * n_types + t of the stacked proportions
-    X = _nb_counts(rng, library_sizes, cell_batch * n_types + types, batch_p.reshape(-1, n_genes), theta,
-                   expected_nnz=(1 - sparsity) * n_cells * n_genes)
+    # (batch, group) pairs as the "types" of _nb_counts: row b * n_groups + g of the stacked proportions
+    X = _nb_counts(rng, library_sizes, cell_batch * group_p.shape[0] + groups, batch_group_p.reshape(-1, n_genes),
+                   theta, expected_nnz=(1 - sparsity) * n_cells * n_genes)
     truth.update(library_sizes=library_sizes, batches=cell_batch, batch_factors=factors,
                  batch_type_proportions=batch_p)
     return Simulated(X, labels, truth, np.array([f"batch{b}" for b in range(batches)])[cell_batch])

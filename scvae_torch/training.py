@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -153,8 +154,14 @@ def evaluate_terms(model: VAE, X: sp.csr_matrix | Source, rows: np.ndarray, devi
 
 @torch.no_grad()
 def init_mixture_prior(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray, device: torch.device,
-                       seed: int, batch_codes: np.ndarray | None = None) -> None:
-    """Set p(z|y) to k-means clusters of the pre-trained latent means (means and per-dimension variances)."""
+                       seed: int, batch_codes: np.ndarray | None = None, restarts: int = 1,
+                       score: Callable[[], float] | None = None) -> int:
+    """Set p(z|y) (and a learned p(y)) from k-means clusters of the pre-trained latent means, and start q(y|x)
+    at those clusters (Y_ENCODER_EPOCHS of cross-entropy on q(y|x)'s own parameters).
+
+    With restarts > 1, k-means runs with seeds seed, seed + 1, ...; each initialisation is scored by `score`
+    (the validation ELBO: never labels) and the best is kept. Returns the index of the restart kept.
+    """
     from sklearn.cluster import KMeans
 
     model.eval()
@@ -163,15 +170,61 @@ def init_mixture_prior(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray
                                   batch_tensor(batch_codes, rows[s:s + 1024], device))[0].mean(1).cpu()
                    for s in range(0, len(rows), 1024)]).double().numpy()
     K = model.cfg.components
-    km = KMeans(n_clusters=K, n_init=10, random_state=seed).fit(Z)
-    means = km.cluster_centers_
-    logvars = np.zeros_like(means)
-    for k in range(K):
-        members = Z[km.labels_ == k]
-        if len(members) > 1:
-            logvars[k] = np.log(members.var(0) + 1e-4)
-    model.prior_mu.copy_(torch.as_tensor(means, dtype=model.prior_mu.dtype))
-    model.prior_logvar.copy_(torch.as_tensor(logvars, dtype=model.prior_logvar.dtype))
+    best, best_state = -math.inf, None
+    for r in range(restarts):
+        labels = KMeans(n_clusters=K, n_init=10, random_state=seed + r).fit_predict(Z)
+        means, logvars = np.zeros((K, Z.shape[1])), np.zeros((K, Z.shape[1]))
+        sizes = np.bincount(labels, minlength=K)
+        for k in range(K):
+            members = Z[labels == k]
+            means[k] = members.mean(0) if len(members) else Z.mean(0)
+            if len(members) > 1:
+                logvars[k] = np.log(members.var(0) + 1e-4)
+        model.prior_mu.copy_(torch.as_tensor(means, dtype=model.prior_mu.dtype))
+        model.prior_logvar.copy_(torch.as_tensor(logvars, dtype=model.prior_logvar.dtype))
+        if model.cfg.prior_y == "learned":  # the clusters' shares, never below half a cell
+            model.prior_y_logits.copy_(torch.as_tensor(np.log(np.maximum(sizes, 0.5) / len(Z)),
+                                                       dtype=model.prior_y_logits.dtype))
+        # q(y|x) was held uniform in pre-training, so its network is untrained: left so, the first epochs pull
+        # every q(z|x,y) towards its p(z|y) and the mixture collapses onto a few components (measured in
+        # docs/clustering.md); started at the clusters, q(y|x) keeps them apart
+        _fit_y_encoder(model, source, rows, labels, device, seed + r, Y_ENCODER_EPOCHS, batch_codes)
+        if restarts == 1 or score is None:
+            return 0
+        value = score()
+        log.info("k-means initialisation %d of %d: validation ELBO %.6g", r + 1, restarts, value)
+        if value > best:
+            best, best_r = value, r
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return best_r
+
+
+Y_ENCODER_EPOCHS = 5  # epochs of cross-entropy that start q(y|x) at the k-means clusters
+
+
+def _fit_y_encoder(model: GMVAE, source, rows: np.ndarray, labels: np.ndarray, device: torch.device, seed: int,
+                   epochs: int, batch_codes: np.ndarray | None = None) -> None:
+    """Start q(y|x) at the k-means clusters: a few epochs of cross-entropy on its own parameters only."""
+    params = [*model.y_encoder.parameters(), *model.y_logits.parameters()]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    target = torch.as_tensor(labels, dtype=torch.long, device=device)
+    gen = np.random.default_rng(seed)
+    model.train()
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = gen.permutation(len(rows))
+            for s in range(0, len(order), 128):
+                part = order[s:s + 128]
+                if len(part) < 2:
+                    continue
+                log_qy = model.y_log_probs(source.batch(rows[part]).counts,
+                                           batch_tensor(batch_codes, rows[part], device))
+                loss = torch.nn.functional.nll_loss(log_qy, target[part])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    model.eval()
 
 
 def adam(model: VAE, tc: TrainConfig) -> torch.optim.Adam:
@@ -264,10 +317,15 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
         epochs_run = 0
         while epoch < tc.epochs and not stops_early(tc, epoch, best_epoch, len(val_idx)):
             t0 = time.perf_counter()
-            pretraining = isinstance(model, GMVAE) and epoch < tc.pretrain_epochs
-            if isinstance(model, GMVAE) and tc.pretrain_epochs and epoch == tc.pretrain_epochs and batch0 == 0:
-                init_mixture_prior(model, source, train_idx, device, tc.seed, codes)
-                log.info("initialised p(z|y) by k-means on the pre-trained latent")
+            pretraining = model.pretraining(epoch, tc.pretrain_epochs)
+            if model.initialise_after_pretraining(epoch, tc.pretrain_epochs) and batch0 == 0:
+                score_rows = val_idx if len(val_idx) else train_idx
+                kept = init_mixture_prior(
+                    model, source, train_idx, device, tc.seed, codes, tc.init_restarts,
+                    lambda rows=score_rows: evaluate_terms(model, source, rows, device, batch_size=tc.batch_size,
+                                                           batch_codes=codes)["elbo"])
+                log.info("initialised p(z|y) by k-means on the pre-trained latent (restart %d of %d kept)",
+                         kept + 1, tc.init_restarts)
             weight = kl_weight(epoch, tc.kl_warmup)
             perm = source.epoch_order(train_idx, tc.seed, epoch)
             model.train()
@@ -280,8 +338,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                 b_kw = {} if batch_t is None else {"batch": batch_t[rows].to(device, non_blocking=True)}
                 optimiser.zero_grad(set_to_none=True)  # before the forward pass: last step's gradients freed
                 with autocast:  # the likelihood inside always runs in float32 (models.log_px)
-                    result = model(batch.counts, kl_weight=weight, labels=y, pretrain=pretraining, **b_kw) \
-                        if isinstance(model, GMVAE) else model(batch.counts, kl_weight=weight, **b_kw)
+                    result = model(batch.counts, kl_weight=weight, labels=y, pretrain=pretraining, **b_kw)
                 loss = result["loss"]
                 if device.type == "cpu" and not torch.isfinite(loss):  # on a GPU checked once per epoch, below:
                     raise TrainingError(f"non-finite loss at epoch {epoch + 1}, minibatch {b + 1}: stopped; "
@@ -315,7 +372,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                 raise TrainingError(f"non-finite validation ELBO at epoch {epoch}: stopped; "
                                     f"{provenance.checkpoint_note(out)}")
             # a GMVAE still pre-training is not a candidate for best.pt (its p(z|y) is not set), unless it never ends
-            if val_elbo > best_val and not (isinstance(model, GMVAE) and tc.pretrain_epochs >= epoch < tc.epochs):
+            if val_elbo > best_val and not (model.pretraining(epoch - 1, tc.pretrain_epochs) and epoch < tc.epochs):
                 best_val, best_epoch = val_elbo, epoch
                 torch_save({"format": CHECKPOINT_FORMAT, "model_config": cfg.to_dict(),
                                    "model_state": model.state_dict(), "epoch": epoch, "val_elbo": val_elbo},

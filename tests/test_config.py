@@ -168,6 +168,7 @@ SCHEMA_ENUMS = {
     ("$defs", "simulate", "properties", "kind"): library.SIMULATIONS,
     ("properties", "model", "properties", "dispersion"): library.DISPERSIONS,
     ("properties", "model", "properties", "y_regularisation"): library.Y_REGULARISATIONS,
+    ("properties", "model", "properties", "prior_y"): library.PRIORS_Y,
     ("properties", "training", "properties", "device"): library.DEVICES,
     ("properties", "training", "properties", "precision"): library.PRECISIONS,
     ("properties", "training", "properties", "stream"): library.STREAMING,

@@ -24,9 +24,17 @@ def _quadrature_log_px(model, x, grid):
         else:
             mu, lv = model.prior_mu, model.prior_logvar
             log_prior = torch.stack([gaussian_log_prob(z, mu[k].expand_as(z), lv[k].expand_as(z))
-                                     for k in range(model.cfg.components)]) - math.log(model.cfg.components)
+                                     for k in range(model.cfg.components)])
+            log_prior = log_prior + _log_py(model)[:, None]
         out.append(torch.logsumexp(torch.logsumexp(log_prior + log_px_z[None], 0) + math.log(dz), 0))
     return torch.stack(out)
+
+
+def _log_py(model):
+    """log p(y) of a GMVAE, from torch.distributions: uniform, or the learned weights' logits."""
+    K = model.cfg.components
+    logits = model.prior_y_logits if model.cfg.prior_y == "learned" else torch.zeros(K, dtype=torch.float64)
+    return torch.distributions.Categorical(logits=logits.double()).logits
 
 
 def _trained(model_name, tmp_path):
@@ -38,13 +46,14 @@ def _trained(model_name, tmp_path):
     rng = np.random.default_rng(0)
     rates = rng.uniform(0.5, 8, size=(3, 8))
     X = sp.csr_matrix(rng.poisson(rates[rng.integers(0, 3, 600)]).astype(np.float32))
-    cfg = dict(model=model_name, likelihood="nb", encoder=[16], decoder=[16], latent=1, components=3)
+    cfg = dict(model=model_name.split("-")[0], likelihood="nb", encoder=[16], decoder=[16], latent=1, components=3,
+               prior_y="learned" if model_name.endswith("learned") else "uniform")
     fit(X, np.arange(500), np.arange(500, 600), cfg,
         TrainConfig(epochs=30, batch_size=50, lr=1e-2, seed=0), tmp_path)
     return load_model(tmp_path).double(), torch.from_numpy(X[:6].toarray()).double()
 
 
-@pytest.mark.parametrize("model_name", ["vae", "gmvae"])
+@pytest.mark.parametrize("model_name", ["vae", "gmvae", "gmvae-learned"])
 def test_importance_weighted_estimate_rises_towards_exact_log_likelihood(model_name, tmp_path):
     model, x = _trained(model_name, tmp_path)
     torch.manual_seed(2)

@@ -36,13 +36,24 @@ def test_vae_kl_is_the_closed_form_against_standard_normal():
     torch.testing.assert_close(out["elbo"], out["log_lik"] - out["kl_z"])
 
 
+def _log_py(model):
+    """log p(y) from torch.distributions: uniform, or the learned weights' logits."""
+    K = model.cfg.components
+    logits = model.prior_y_logits if model.cfg.prior_y == "learned" else torch.zeros(K, dtype=torch.float64)
+    return Categorical(logits=logits.double()).logits
+
+
 @torch.no_grad()
-def test_gmvae_kl_terms_against_brute_force_monte_carlo():
+@pytest.mark.parametrize("prior_y", ["uniform", "learned"])
+def test_gmvae_kl_terms_against_brute_force_monte_carlo(prior_y):
     torch.manual_seed(0)
     cfg = ModelConfig(n_features=12, model="gmvae", likelihood="poisson", encoder=[16], decoder=[16], latent=2,
-                      components=4)
+                      components=4, prior_y=prior_y)
     model = GMVAE(cfg).double().eval()
     model.prior_logvar.normal_(0, 0.5)
+    if prior_y == "learned":
+        model.prior_y_logits.normal_(0, 1.0)
+    log_py = _log_py(model)
     x = _counts(n=8).double()
     out = model(x)
     S = 200_000
@@ -58,19 +69,23 @@ def test_gmvae_kl_terms_against_brute_force_monte_carlo():
         sample = log_q - log_p
         se = sample.std() / math.sqrt(S)
         assert abs(sample.mean() - out["kl_z"][i]) < 5 * se + 1e-9
-        kl_y_samples = log_qy[i, y] + math.log(cfg.components)
+        kl_y_samples = log_qy[i, y] - log_py[y]
         assert abs(kl_y_samples.mean() - out["kl_y"][i]) < 5 * kl_y_samples.std() / math.sqrt(S) + 1e-9
-        ref_kl_y = kl_divergence(Categorical(logits=log_qy[i]), Categorical(logits=torch.zeros(cfg.components,
-                                                                                          dtype=torch.float64)))
+        ref_kl_y = kl_divergence(Categorical(logits=log_qy[i]), Categorical(logits=log_py))
         torch.testing.assert_close(out["kl_y"][i], ref_kl_y)
 
 
 @torch.no_grad()
-def test_gmvae_elbo_equals_sampled_y_monte_carlo_elbo():
+@pytest.mark.parametrize("prior_y", ["uniform", "learned"])
+def test_gmvae_elbo_equals_sampled_y_monte_carlo_elbo(prior_y):
     """Summing over y exactly must agree with the textbook ELBO estimated by sampling y and z."""
     torch.manual_seed(3)
-    cfg = ModelConfig(n_features=6, model="gmvae", likelihood="nb", encoder=[8], decoder=[8], latent=2, components=3)
+    cfg = ModelConfig(n_features=6, model="gmvae", likelihood="nb", encoder=[8], decoder=[8], latent=2, components=3,
+                      prior_y=prior_y)
     model = GMVAE(cfg).double().eval()
+    if prior_y == "learned":
+        model.prior_y_logits.normal_(0, 1.0)
+    log_py = _log_py(model)
     x = _counts(n=4, g=6).double()
     exact = torch.stack([model(x)["elbo"] for _ in range(400)])
     exact_mean = exact.mean(0)
@@ -83,19 +98,20 @@ def test_gmvae_elbo_equals_sampled_y_monte_carlo_elbo():
         z = mu[i, y] + torch.randn(S, cfg.latent, generator=gen, dtype=torch.float64) * (0.5 * logvar[i, y]).exp()
         params = model.decode(z, x[i].expand(S, -1))
         log_px = D.log_prob("nb", x[i].expand(S, -1), params).sum(-1)
-        terms = (log_px + gaussian_log_prob(z, model.prior_mu[y], model.prior_logvar[y]) - math.log(cfg.components)
+        terms = (log_px + gaussian_log_prob(z, model.prior_mu[y], model.prior_logvar[y]) + log_py[y]
                  - log_qy[i, y] - gaussian_log_prob(z, mu[i, y], logvar[i, y]))
         se = math.sqrt(terms.var() / S + exact[:, i].var() / exact.shape[0])
         assert abs(terms.mean() - exact_mean[i]) < 5 * se
 
 
-@pytest.mark.parametrize("model_name", ["vae", "gmvae"])
+@pytest.mark.parametrize("model_name", ["vae", "gmvae", "gmvae-learned"])
 @pytest.mark.parametrize("likelihood,dispersion", [("poisson", "gene"), ("nb", "gene"), ("nb", "gene-cell"),
                                                    ("zip", "gene"), ("zinb", "gene-cell")])
 def test_gradients_reach_every_parameter(model_name, likelihood, dispersion):
     torch.manual_seed(0)
-    model = build_model(dict(n_features=12, model=model_name, likelihood=likelihood, dispersion=dispersion,
-                             encoder=[16, 8], decoder=[8, 16], latent=3, components=3))
+    model = build_model(dict(n_features=12, model=model_name.split("-")[0], likelihood=likelihood,
+                             dispersion=dispersion, encoder=[16, 8], decoder=[8, 16], latent=3, components=3,
+                             prior_y="learned" if model_name.endswith("learned") else "uniform"))
     model.train()
     out = model(_counts())
     out["loss"].backward()

@@ -206,6 +206,36 @@ def test_single_cell_both_samplers_match_the_nb_mixture_over_library_sizes():
     assert np.max(np.abs(z_scores)) < 4.5
 
 
+def test_single_cell_hard_mode_has_unequal_types_wide_libraries_and_a_state_axis():
+    n, K = 20000, 4
+    easy, sim = single_cell(n, 300, K, seed=4), single_cell(n, 300, K, seed=4, hard=True)
+    truth = sim.truth
+    zipf = 1 / np.arange(1, K + 1) / (1 / np.arange(1, K + 1)).sum()
+    shares = np.bincount(truth["types"], minlength=K) / n
+    assert np.all(np.abs(shares - zipf) < 4 * np.sqrt(zipf * (1 - zipf) / n))
+    spread = lambda s: np.log(s.truth["library_sizes"]).std()  # noqa: E731
+    assert abs(spread(sim) / spread(easy) - 2.0) < 0.1
+    assert abs(sim.X.nnz / (n * 300) - 0.1) < 0.01  # the sparsity is still met
+    # the state moves the state genes' means by exp(s e_g) in every type: the observed ratio of a gene's share
+    # of the counts at s = +1 and s = -1 (cells of type 0) against the renormalised truth
+    state, genes, effect = truth["cell_state"], truth["state_genes"], truth["state_effect"]
+    assert set(np.unique(state)) == set(np.linspace(-1, 1, simulate.STATE_LEVELS))
+    assert len(genes) == 30 and np.all(np.abs(np.corrcoef(state, truth["types"])[0, 1]) < 0.03)
+    X, p0 = sim.X.tocsc(), truth["type_proportions"][0]
+    for s in (-1.0, 1.0):
+        cells = (truth["types"] == 0) & (state == s)
+        expected = p0.copy()
+        expected[genes] *= np.exp(s * effect)
+        expected /= expected.sum()
+        observed = np.asarray(X[cells].sum(0)).ravel() / truth["library_sizes"][cells].sum()
+        big = expected * truth["library_sizes"][cells].sum() > 200
+        assert big[genes].sum() >= 5
+        assert np.all(np.abs(observed[big] / expected[big] - 1) < 0.25)
+    # the batch-free part is what it would be without batches; batches still apply on top
+    with_batches = single_cell(2000, 300, K, seed=4, hard=True, batches=2)
+    assert np.array_equal(with_batches.truth["types"], single_cell(2000, 300, K, seed=4, hard=True).truth["types"])
+
+
 @pytest.mark.parametrize("mu,theta", [(0.01, 2.0), (0.5, 0.3), (3.0, 10.0), (4.9, 0.5), (20.0, 0.1), (50.0, 5.0),
                                       (1000.0, 2.0)])
 def test_zero_truncated_nb_matches_scipy(mu, theta):
@@ -253,7 +283,7 @@ def test_single_cell_rejects_bad_parameters(kwargs, match):
 
 def test_cli_defaults_mirror_the_library():
     params = {"cells": "n_cells", "genes": ("n_genes", "n_features"), "types": ("n_types", "n_clusters"),
-              "sparsity": "sparsity", "batches": "batches"}
+              "sparsity": "sparsity", "batches": "batches", "hard": "hard"}
     functions = {"poisson-check": poisson_check, "gmvae-mixture": gmvae_mixture, "single-cell": single_cell}
     for kind, defaults in cli._SIM_DEFAULTS.items():
         signature = inspect.signature(functions[kind]).parameters
@@ -262,12 +292,14 @@ def test_cli_defaults_mirror_the_library():
             name = next(n for n in names if n in signature)
             assert signature[name].default == value, (kind, option)
     # and every tunable size of each generator is reachable from the command line
-    assert set(cli._SIM_DEFAULTS["single-cell"]) == {"cells", "genes", "types", "sparsity", "batches"}
+    assert set(cli._SIM_DEFAULTS["single-cell"]) == {"cells", "genes", "types", "sparsity", "batches", "hard"}
 
 
 @pytest.mark.parametrize("kind,flags,expected", [
     ("single-cell", ["--cells", "300", "--genes", "200", "--types", "5", "--sparsity", "0.85", "--seed", "3"],
      lambda: single_cell(300, 200, 5, seed=3, sparsity=0.85)),
+    ("single-cell", ["--cells", "300", "--genes", "200", "--types", "4", "--hard"],
+     lambda: single_cell(300, 200, 4, hard=True)),
     ("gmvae-mixture", ["--cells", "400"], lambda: gmvae_mixture(400)),
     ("poisson-check", [], lambda: poisson_check()),
 ])

@@ -1,0 +1,180 @@
+"""Study: do the GMVAE's own clusters (and the latents) find the cell types? Each option on and off, several seeds.
+
+Usage:
+  SCVAE_SHARED_DATA=../shared/data python benchmarks/clustering_study.py [--sets hard-sim,cellbench_celseq2_3cl,...]
+      [--variants gmvae,gmvae+lib,...] [--seeds 0,1,2] [--max-epochs N] [--scvi] [--threads 1] [--out FILE.tsv]
+
+For each data set: the most informative --top-genes genes (binomial deviance; the simulation keeps all), the
+cells' labels (the CellBench sets: singlets only, plates ignored), K = the number of labels. Baselines, once per
+seed: k-means on 50 principal components of log-normalised counts (scanpy's route, peers.scanpy_route) and, with
+--scvi, k-means on scVI's latent (10 dimensions, NB, same split). Then each variant trains `scvae_torch.SCVAE` on
+the seeded 81/9/10 split and prints one row: the GMVAE's own clusters (argmax q(y|x)) and k-means (k = K) on its
+latent, as ARI and AMI on all cells; the best validation ELBO and the test ELBO per cell; epochs and seconds.
+Nothing here looks at the labels but the scores: initialisations are chosen by validation ELBO.
+
+Variants: a model (vae | gmvae) and options joined by "+":
+  lib       library_size=True: decoded mean = observed library size x softmax over genes (scVI's scaling)
+  learned   prior_y="learned": mixture weights p(y) learned (scVAE's "learn")
+  rN        init_restarts=N: N k-means initialisations of p(z|y), the best validation ELBO kept
+  latN      latent size N
+  defaults  nothing changed (the library's defaults, whatever they are)
+  paper     the paper's GMVAE as config/paper.yaml trains it (uniform p(y), no library size, raw input)
+Data sets: hard-sim (simulate.single_cell(3000, 1000, 6, hard=True)), and the shared sets by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+SHARED = ("mouse_bladder_2100", "cellbench_celseq2_3cl", "cellbench_5cl_3plates")
+
+
+def load(name: str, top_genes: int = 2000):
+    """An AnnData (raw counts CSR, obs['label']) of the hard simulation or a shared set."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    if name == "hard-sim":
+        from scvae_torch import simulate
+
+        sim = simulate.single_cell(3000, 1000, 6, seed=0, hard=True)
+        X, labels = sp.csr_matrix(sim.X, dtype=np.float32), np.asarray(sim.labels)
+        cells, genes = np.array([f"cell{i}" for i in range(X.shape[0])]), np.array([f"g{j}" for j in range(X.shape[1])])
+    else:
+        from scvae_torch.data import read_mtx
+        from scvae_torch.genes import top_genes as top
+
+        folder = os.environ.get("SCVAE_SHARED_DATA")
+        if not folder:
+            sys.exit("set SCVAE_SHARED_DATA to the folder of the shared data sets")
+        counts = read_mtx(os.path.join(folder, f"{name}.counts.mtx.gz"), labels="cell_type")
+        rows = np.arange(counts.X.shape[0])
+        if counts.obs is not None and "demuxlet_cls" in counts.obs:
+            rows = np.flatnonzero((counts.obs["demuxlet_cls"] == "SNG").to_numpy())
+        X, labels, cells = counts.X[rows].tocsr(), np.asarray(counts.labels)[rows], np.asarray(counts.cells)[rows]
+        keep = np.flatnonzero(np.asarray(X.sum(0)).ravel() > 0)
+        if top_genes and keep.size > top_genes:
+            keep = np.sort(top(X, top_genes))
+        X, genes = X[:, keep].astype(np.float32), np.asarray(counts.genes)[keep]
+    adata = ad.AnnData(X, obs=pd.DataFrame({"label": labels.astype(str)}, index=cells.astype(str)),
+                       var=pd.DataFrame(index=genes.astype(str)))
+    adata.var_names_make_unique()
+    return adata
+
+
+def options(variant: str) -> tuple[str, dict, dict]:
+    """(model, SCVAE options, train options) of a variant name."""
+    model, *parts = variant.split("+")
+    model_opts: dict = {}
+    train_opts: dict = {}
+    for part in parts:
+        if part == "lib":
+            model_opts["library_size"] = True
+        elif part == "nolib":
+            model_opts["library_size"] = False
+        elif part == "learned":
+            model_opts["prior_y"] = "learned"
+        elif part == "uniform":
+            model_opts["prior_y"] = "uniform"
+        elif part == "paper":
+            model_opts.update(library_size=False, prior_y="uniform", log1p_input=False)
+        elif part.startswith("lat"):
+            model_opts["latent"] = int(part[3:])
+        elif part.startswith("r") and part[1:].isdigit():
+            train_opts["init_restarts"] = int(part[1:])
+        elif part != "defaults":
+            raise SystemExit(f"unknown variant part {part!r} in {variant!r}")
+    return model, model_opts, train_opts
+
+
+def scores(labels: np.ndarray, predicted: np.ndarray, prefix: str) -> dict:
+    from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
+
+    return {f"{prefix}_ari": adjusted_rand_score(labels, predicted),
+            f"{prefix}_ami": adjusted_mutual_info_score(labels, predicted)}
+
+
+def baselines(adata, seed: int, scvi: bool, max_epochs: int | None, threads: int) -> dict:
+    """k-means on PCA of log-normalised counts, and on scVI's latent (when asked and installed)."""
+    from scvae_torch import peers
+    from scvae_torch.evaluation import kmeans_labels
+    from scvae_torch.io.splits import make_split
+
+    labels, k = adata.obs["label"].to_numpy(), adata.obs["label"].nunique()
+    row = scores(labels, peers.scanpy_route(adata.X, k, seed=seed, leiden=False)["kmeans"], "pca_kmeans")
+    if scvi and peers.installed("scvi"):
+        subset = make_split(np.asarray(adata.obs_names, dtype=str), fractions=(0.81, 0.09, 0.10), seed=seed)
+        subsets = {name: np.flatnonzero(subset.to_numpy() == name) for name in ("train", "validation", "test")}
+        fit = peers.scvi_fit(adata.X, subsets, "nb", n_latent=10, max_epochs=max_epochs or 400, seed=seed,
+                             n_mc_samples=10, threads=threads)
+        row.update(scores(labels, kmeans_labels(fit["latent"].astype(np.float64), k, seed), "scvi_kmeans"))
+        row["scvi_test_elbo"] = fit["test_elbo"]
+    return row
+
+
+def run(adata, variant: str, seed: int, max_epochs: int | None) -> dict:
+    """Train one variant on one seed; its scores."""
+    from scvae_torch import SCVAE
+    from scvae_torch.evaluation import kmeans_labels
+
+    labels, k = adata.obs["label"].to_numpy(), adata.obs["label"].nunique()
+    model, model_opts, train_opts = options(variant)
+    extra = {"components": k} if model == "gmvae" else {}
+    started = time.perf_counter()
+    m = SCVAE(adata, model=model, **extra, **model_opts)
+    m.train(max_epochs=max_epochs, train_size=0.81, validation_size=0.09, seed=seed, **train_opts)
+    row = {"epochs": len(m.history), "best_epoch": m.metrics.get("best_epoch"),
+           "seconds": round(time.perf_counter() - started, 1),
+           "val_elbo": float(np.nanmax(m.history["val_elbo"])) if "val_elbo" in m.history else np.nan,
+           "test_elbo": m.get_elbo(indices=m.test_indices)}
+    z = m.get_latent_representation()
+    row.update(scores(labels, kmeans_labels(np.asarray(z, dtype=np.float64), k, seed), "latent_kmeans"))
+    if model == "gmvae":
+        row.update(scores(labels, m.predict_clusters(), "clusters"))
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sets", default="hard-sim," + ",".join(SHARED))
+    p.add_argument("--variants", default="vae,vae+lib,gmvae+paper,gmvae+nolib,gmvae+lib,gmvae+lib+learned")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--max-epochs", type=int, default=None, help="cap on epochs (default: the library's)")
+    p.add_argument("--top-genes", type=int, default=2000)
+    p.add_argument("--scvi", action="store_true", help="also k-means on scVI's latent (needs scvi-tools)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="also append the rows to this TSV")
+    args = p.parse_args()
+
+    import pandas as pd
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(f"# load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}; {args.threads} threads", flush=True)
+    rows = []
+    for name in args.sets.split(","):
+        adata = load(name, args.top_genes)
+        for seed in map(int, args.seeds.split(",")):
+            base = {"dataset": name, "cells": adata.n_obs, "genes": adata.n_vars, "K": adata.obs["label"].nunique(),
+                    "seed": seed, **baselines(adata, seed, args.scvi, args.max_epochs, args.threads)}
+            for variant in args.variants.split(","):
+                row = {**base, "variant": variant, **run(adata.copy(), variant, seed, args.max_epochs)}
+                rows.append(row)
+                print("\t".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                      flush=True)
+                if args.out:
+                    pd.DataFrame(rows).to_csv(args.out, sep="\t", index=False)
+    table = pd.DataFrame(rows)
+    cols = [c for c in table.columns if c.endswith(("_ari", "_ami")) or c in ("val_elbo", "test_elbo", "epochs")]
+    print("\n# mean over seeds")
+    print(table.groupby(["dataset", "variant"], sort=False)[cols].mean().round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()
