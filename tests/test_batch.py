@@ -104,7 +104,7 @@ def test_conditional_layers_equal_concatenated_one_hot(kind):
     q(z|x,y) [log1p x, onehot(b), onehot(y)] through its split first layer): checked against plain matrix products."""
     torch.manual_seed(0)
     cfg = ModelConfig(n_features=5, model=kind, encoder=[4], decoder=[3], latent=2, components=3, batch_norm=False,
-                      batches=["a", "b"], batch_encoder=True, dispersion="gene-batch")
+                      batches=["a", "b"], batch_encoder=True, dispersion="gene-batch", library_size=False)
     model = build_model(cfg).double().eval()
     x = torch.poisson(torch.full((4, 5), 3.0)).double()
     b = torch.tensor([0, 1, 1, 0])

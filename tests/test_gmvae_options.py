@@ -27,7 +27,7 @@ def test_learned_mixture_weights_recover_unequal_type_shares(tmp_path, prior_y):
     X, types = _mixture()
     rows = np.arange(X.shape[0])
     cfg = dict(model="gmvae", likelihood="poisson", encoder=[32], decoder=[32], latent=2, components=3,
-               prior_y=prior_y)
+               prior_y=prior_y, library_size=False)
     # no pre-training, so no k-means start: p(y) starts uniform and has to be learned
     fit(X, rows[:1300], rows[1300:], cfg, TrainConfig(epochs=40, lr=1e-2, batch_size=100, seed=0, pretrain_epochs=0,
                                                        early_stopping=False), tmp_path)

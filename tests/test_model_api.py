@@ -200,7 +200,7 @@ def test_epochs_come_from_the_number_of_cells():
     assert default_epochs(2_000) == default_epochs(20_000) == MAX_EPOCHS == 400
     assert default_epochs(200_000) == 40 and default_epochs(10**8) == 1
     tc = TrainConfig().resolved(2_000, "gmvae")
-    assert (tc.epochs, tc.pretrain_epochs) == (400, 10)
+    assert (tc.epochs, tc.pretrain_epochs) == (400, 20)
     assert TrainConfig().resolved(2_000, "vae").pretrain_epochs == 0
     assert TrainConfig(epochs=12).resolved(2_000, "gmvae").pretrain_epochs == 4
 
