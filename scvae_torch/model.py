@@ -263,8 +263,7 @@ class SCVAE:
                 raise ValueError("this model was loaded without data: pass adata=")
             return self._X
         X = _counts(adata, self.layer)
-        order = check_genes(self.genes, np.asarray(adata.var_names, dtype=str), "adata.var_names", ".",
-                            model="this SCVAE model")
+        order = check_genes(self.genes, np.asarray(adata.var_names, dtype=str), "adata.var_names", "this SCVAE model")
         return X if order is None else X[:, order]
 
     def _batch_codes(self, adata) -> np.ndarray | None:

@@ -102,12 +102,16 @@ def write_record(run_dir: str | os.PathLike, genes: np.ndarray, cells: np.ndarra
 
 # ---- genes -----------------------------------------------------------------------------------------
 
-def check_genes(recorded: list[str], genes: np.ndarray, data_name: str, run_dir: str | os.PathLike,
-                model: str | None = None) -> np.ndarray | None:
+def run_description(run_dir: str | os.PathLike) -> str:
+    """How messages name the model of a run folder: by its folder and the record of its genes."""
+    return f"the run in {run_dir} ({Path(run_dir) / RECORD})"
+
+
+def check_genes(recorded: list[str], genes: np.ndarray, data_name: str, model: str) -> np.ndarray | None:
     """The columns of the data in the model's gene order, or None when the data already have that order.
 
     Raises DataError (one line) when genes are missing or extra, or the data's names are not unique.
-    model: how the message names the model (default: the run in run_dir, whose genes run.json records).
+    model: how the message names the model (e.g. run_description(run_dir), or "this SCVAE model").
     """
     genes = np.asarray(genes, dtype=str)
     recorded = np.asarray(recorded, dtype=str)
@@ -128,7 +132,6 @@ def check_genes(recorded: list[str], genes: np.ndarray, data_name: str, run_dir:
             parts.append(f"{len(missing)} of the model's {len(recorded)} genes are missing (e.g. {_examples(missing)})")
         if len(extra):
             parts.append(f"{len(extra)} genes are not in the model (e.g. {_examples(extra)})")
-        model = model or f"the run in {run_dir} ({Path(run_dir) / RECORD})"
         raise DataError(f"{data_name}: {' and '.join(parts)}; {model} was trained on other genes: use the data it "
                         "was trained on, or train a new model")
     log.warning("%s: the same %d genes as the run's in another order; reordered by name", data_name, len(genes))
@@ -141,7 +144,7 @@ def align_genes(run_dir: str | os.PathLike, genes: np.ndarray, data_name: str) -
     if record is None:
         log.warning("%s has no %s (a run from an older version): the genes cannot be checked", run_dir, RECORD)
         return None
-    return check_genes(record["genes"], genes, data_name, run_dir)
+    return check_genes(record["genes"], genes, data_name, run_description(run_dir))
 
 
 # ---- the split -------------------------------------------------------------------------------------
@@ -355,7 +358,7 @@ def settle_run(out: Path, inputs: RunInputs, resuming: bool) -> None:
 
     if resuming and (out / RECORD).exists():  # the genes and split must be those the run started with
         record = read_record(out)
-        if check_genes(record["genes"], inputs.genes, inputs.data_path, out) is not None:
+        if check_genes(record["genes"], inputs.genes, inputs.data_path, run_description(out)) is not None:
             raise DataError(f"{inputs.data_path}: the run's genes in another order; put them in its order first")
         check_resume_split(record, inputs.cells, inputs.subsets, inputs.split_file or "the split", out)
         return

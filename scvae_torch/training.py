@@ -465,7 +465,7 @@ def train_dataset(data_path: str, out_dir: str, model_config: dict, train_config
             subsets = data.read_split(str(split_path or saved), cells)
         record = provenance.read_record(out) if (out / CHECKPOINT).exists() else None
         if record is not None:  # resuming: the genes and split the run started with
-            order = provenance.check_genes(record["genes"], genes, data_path, out)
+            order = provenance.check_genes(record["genes"], genes, data_path, provenance.run_description(out))
             if order is not None:  # the split is checked against the record by fit (provenance.settle_run)
                 X, genes = select_genes(X, order), genes[order]
         labels = None
