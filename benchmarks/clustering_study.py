@@ -94,10 +94,10 @@ def options(variant: str) -> tuple[str, dict, dict]:
 
 
 def scores(labels: np.ndarray, predicted: np.ndarray, prefix: str) -> dict:
-    from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
+    """ARI and AMI (evaluation.cluster_scores) under column names that say what was clustered."""
+    from scvae_torch.evaluation import cluster_scores
 
-    return {f"{prefix}_ari": adjusted_rand_score(labels, predicted),
-            f"{prefix}_ami": adjusted_mutual_info_score(labels, predicted)}
+    return {f"{prefix}_{name}": value for name, value in cluster_scores(labels, predicted).items()}
 
 
 def baselines(adata, seed: int, scvi: bool, max_epochs: int | None, threads: int) -> dict:

@@ -297,10 +297,10 @@ class GMVAE(VAE):
         if self.cfg.prior_y == "learned":  # mixture weights p(y) = softmax(logits), learned with the rest
             self.prior_y_logits = nn.Parameter(torch.zeros(K))
 
-    def log_prior_y(self) -> Tensor:
-        """log p(y), shape (K,): uniform, or the learned mixture weights."""
+    def log_prior_y(self, uniform: bool = False) -> Tensor:
+        """log p(y), shape (K,): the learned mixture weights, or uniform (by configuration, or when asked)."""
         K = self.cfg.components
-        if self.cfg.prior_y == "learned":
+        if self.cfg.prior_y == "learned" and not uniform:
             return torch.log_softmax(self.prior_y_logits.float(), dim=-1)
         return torch.full((K,), -math.log(K), device=self.prior_mu.device)
 
@@ -372,7 +372,7 @@ class GMVAE(VAE):
         kl_zk = gaussian_kl(mu, logvar, p_mu[None], p_logvar[None])     # (cells, K)
         log_lik = (qy * log_px_k).sum(-1)
         kl_z = (qy * kl_zk).sum(-1)
-        log_py = torch.full((K,), -math.log(K), device=qy.device) if pretrain else self.log_prior_y()
+        log_py = self.log_prior_y(uniform=pretrain)
         kl_y = (qy * (log_qy - log_py)).sum(-1)                         # KL(q(y|x) || p(y))
         elbo = log_lik - kl_z - kl_y
         reg = "none" if pretrain else self.cfg.y_regularisation
