@@ -20,6 +20,7 @@ SUBSETS: tuple[str, ...] = ("train", "validation", "test")
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.81, 0.09, 0.10)  # of the cells in train, validation, test
 STREAM_ABOVE_GB = 4.0  # in-memory size (GiB) of the counts above which `prepare` and training go block by block
 IW_SAMPLES = 100  # importance samples for the test log-likelihood
+DECODE_SAMPLES = 20  # draws z ~ q(z|x) per cell averaged for the decoded feature means (evaluation)
 
 
 def _refuse_failed(checks: list[tuple[bool, str]]) -> None:

@@ -144,6 +144,11 @@ class Decoder(nn.Module):
         return params
 
 
+def _normal(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal draws of like's shape, dtype and device."""
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+
 def _log_library(x: Tensor) -> Tensor:
     """log of each cell's total count (at least 1), shape (cells, 1); x dense or sparse CSR."""
     if x.layout == torch.strided:
@@ -205,6 +210,11 @@ class VAE(nn.Module):
     def latent(self, x: Tensor, batch: Tensor | None = None) -> Tensor:
         """Latent representation of each cell: the mean of q(z|x)."""
         return self.encode(x, batch)[0]
+
+    def sample_z(self, x: Tensor, batch: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """One draw z ~ q(z|x) per cell (generator: a seeded torch.Generator on x's device, for reproducible draws)."""
+        mu, logvar = self.encode(x, batch)
+        return mu + _normal(mu, generator) * (0.5 * logvar).exp()
 
     def decode(self, z: Tensor, x: Tensor, batch: Tensor | None = None) -> dict[str, Tensor]:
         """Likelihood parameters for each row of z (x supplies the library size when that option is on; batch,
@@ -336,6 +346,14 @@ class GMVAE(VAE):
         """Latent representation: E_q(y|x)[mean of q(z|x,y)]."""
         mu, _ = self.encode_z(x, batch)
         return (self.responsibilities(x, batch)[:, :, None] * mu).sum(1)
+
+    def sample_z(self, x: Tensor, batch: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """One draw per cell of y ~ q(y|x), then z ~ q(z|x,y)."""
+        mu, logvar = self.encode_z(x, batch)
+        y = torch.multinomial(self.responsibilities(x, batch), 1, generator=generator)[:, 0]
+        rows = torch.arange(len(y), device=y.device)
+        mu, logvar = mu[rows, y], logvar[rows, y]
+        return mu + _normal(mu, generator) * (0.5 * logvar).exp()
 
     def _prior(self) -> tuple[Tensor, Tensor]:
         return self.prior_mu, self.prior_logvar.clamp(*LOG_VAR_BOUNDS)
