@@ -5,7 +5,7 @@ Usage:
       [--likelihoods poisson,nb,zinb] [--model vae] [--encoder 128] [--decoder 128] [--latent 10]
       [--batch-size 128] [--train-cells 18000] [--epochs 1] [--max-batches N] [--threads N]
       [--device cpu|cuda] [--precision float32|bfloat16] [--compile] [--scvi-python PYTHON] [--no-scvi]
-      [--elbo-check EPOCHS] [--scaling 10000,50000,200000 --scaling-batches 200]
+      [--elbo-check EPOCHS] [--scaling 10000,50000,200000 --scaling-batches 200] [--set KEY=VALUE ...]
 
 Each measurement runs in a fresh process (so that its peak resident set size, VmHWM, is its own) which
 reads the h5ad file the way `scvae-torch train` does (in memory, or streamed) and trains for --epochs epochs
@@ -92,7 +92,8 @@ def worker_scvae(job: dict) -> dict:
 
         source = DenseCounts()
     model = dict(model=job["model"], likelihood=job["likelihood"], encoder=job["encoder"],
-                 decoder=job["decoder"], latent=job["latent"], components=job["components"])
+                 decoder=job["decoder"], latent=job["latent"], components=job["components"],
+                 **job.get("settings", {}))
     tc = TrainConfig(epochs=job["epochs"], batch_size=job["batch_size"], lr=job["lr"], seed=job["seed"],
                      device=job["device"], threads=job["threads"], precision=job["precision"],
                      compile=job["compile"], checkpoint_every=10 ** 6)
@@ -225,6 +226,15 @@ def _fmt(result: dict, key: str, spec: str) -> str:
     return "error" if "error" in result else format(result[key], spec)
 
 
+def _setting(text: str) -> tuple[str, object]:
+    """'key=value' as a model setting (true/false and numbers parsed as JSON, anything else a string)."""
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main() -> None:
     """Parse arguments, make or take the data, run the measurements and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -256,6 +266,9 @@ def main() -> None:
     parser.add_argument("--scaling", default="", help="comma-separated cell counts, e.g. 10000,50000,200000")
     parser.add_argument("--scaling-batches", type=int, default=200)
     parser.add_argument("--workdir", default=None, help="where simulated files go (default: a temp folder)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a model setting of scvae-torch's, e.g. library_size=false (to time one setting or "
+                             "to compare with commits whose defaults differ); repeatable")
     args = parser.parse_args()
     if args.worker:
         job = json.loads(args.worker)
@@ -279,7 +292,8 @@ def main() -> None:
                 encoder=[int(s) for s in args.encoder.split(",")], decoder=[int(s) for s in args.decoder.split(",")],
                 latent=args.latent, batch_size=args.batch_size, train_cells=args.train_cells, epochs=args.epochs,
                 max_batches=args.max_batches, lr=args.lr, threads=args.threads, device=args.device,
-                precision=args.precision, compile=args.compile, seed=args.seed, stream=False)
+                precision=args.precision, compile=args.compile, seed=args.seed, stream=False,
+                settings=dict(_setting(text) for text in args.set))
 
     path = args.data
     if not args.no_main or args.elbo_check:
@@ -297,7 +311,8 @@ def main() -> None:
         arch = (f"{args.model} encoder {args.encoder} decoder {args.decoder} latent {args.latent}, batch "
                 f"{args.batch_size}, {args.train_cells} training cells" +
                 (f" (first {args.max_batches} minibatches)" if args.max_batches else "") +
-                f", {args.epochs} epoch(s), {args.precision}" + (", compiled" if args.compile else ""))
+                f", {args.epochs} epoch(s), {args.precision}" + (", compiled" if args.compile else "") +
+                "".join(f", {text}" for text in args.set))
         print(f"\n## seconds per training epoch and peak RSS: {arch}")
         print("likelihood | scvae-torch s/epoch | peak RSS MB | scVI s/epoch | scVI peak RSS MB | scVI / scvae-torch")
         print("--- | --- | --- | --- | --- | ---")

@@ -416,3 +416,10 @@ def load_counts(path: str) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None
 def open_source(X: sp.spmatrix | Source, device: torch.device) -> Source:
     """A Source for a scipy matrix (in memory), or the given Source itself."""
     return X if hasattr(X, "batch") and hasattr(X, "epoch_order") else MemorySource(X, device)
+
+
+def batch_tensor(batch_codes: np.ndarray | Tensor | None, rows: np.ndarray, device: torch.device) -> Tensor | None:
+    """The batch codes of `rows` as a long tensor on the device (None when there are none)."""
+    if batch_codes is None:
+        return None
+    return torch.as_tensor(batch_codes[np.asarray(rows)], dtype=torch.long).to(device, non_blocking=True)

@@ -5,6 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_args import (
+    OneLineParser,
+    StderrLog,
+    UsageError,
+    int_list,
+    non_negative_int,
+    one_of,
+    open_fraction,
+    positive_int,
+    split_fractions,
+)
 from .config import (
     DEFAULT_FRACTIONS,
     DEVICES,
@@ -22,94 +33,9 @@ from .config import (
     Y_REGULARISATIONS,
 )
 
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage dump); --help still shows everything."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class UsageError(Exception):
-    """A bad argument; reported as one line, exit status 2."""
-
-
-def _one_of(values: tuple[str, ...]) -> str:
-    """'a, b or c' for help texts."""
-    return ", ".join(values[:-1]) + " or " + values[-1] if len(values) > 1 else values[0]
-
-
-def _int_list(text: str) -> list[int]:
-    """Parse '100,250' into [100, 250]; '' gives []."""
-    try:
-        sizes = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(s <= 0 for s in sizes):
-        raise argparse.ArgumentTypeError(f"layer sizes must be positive, got {text!r}")
-    return sizes
-
-
 # --- prepare --------------------------------------------------------------------------------------
 
 _SPLIT_FRACTIONS = ",".join(f"{f:.2f}" for f in DEFAULT_FRACTIONS)
-
-
-def _non_negative_int(text: str) -> int:
-    """Parse a count threshold >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    """Parse a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
-def _fractions(text: str) -> tuple[float, float, float]:
-    """Parse 'train,validation,test' fractions that sum to 1."""
-    try:
-        values = tuple(float(t) for t in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3 or min(values) < 0 or values[0] <= 0 or abs(sum(values) - 1) > 1e-6:
-        raise argparse.ArgumentTypeError(f"expected three fractions train,validation,test >= 0 summing to 1 "
-                                         f"(train > 0), got {text!r}")
-    return values
-
-
-class _StderrLog:
-    """Show the library's log lines (INFO and up, or from `level`) on stderr while a command runs."""
-
-    def __init__(self, command: str, level: int = 20):
-        import logging
-
-        self.logger = logging.getLogger("scvae_torch")
-        self.handler = logging.StreamHandler(sys.stderr)
-        self.handler.setFormatter(logging.Formatter(f"scvae-torch {command}: %(message)s"))
-        self.level, self.show = self.logger.level, level
-
-    def __enter__(self):
-
-        self.logger.addHandler(self.handler)
-        self.logger.setLevel(self.show)
-        return self
-
-    def __exit__(self, *exc):
-        self.logger.removeHandler(self.handler)
-        self.logger.setLevel(self.level)
-        return False
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -140,11 +66,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                         "an error")
     p.add_argument("--round", dest="round_counts", action="store_true",
                    help="round non-integer values to the nearest integer (logged as a warning) instead of failing")
-    p.add_argument("--min-counts-cell", type=_non_negative_int, default=0, metavar="N",
+    p.add_argument("--min-counts-cell", type=non_negative_int, default=0, metavar="N",
                    help="drop cells with fewer than N counts in total (0 keeps all)")
-    p.add_argument("--min-counts-gene", type=_non_negative_int, default=0, metavar="N",
+    p.add_argument("--min-counts-gene", type=non_negative_int, default=0, metavar="N",
                    help="then drop genes with fewer than N counts in total over the kept cells (0 keeps all)")
-    p.add_argument("--top-genes", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--top-genes", type=positive_int, default=None, metavar="N",
                    help="then keep the N genes of highest binomial deviance (Townes et al. 2019), in their order; "
                         "recorded in uns['scvae_prepare'] and var['binomial_deviance'] (default: keep all)")
     p.add_argument("--stream", choices=STREAMING, default="auto",
@@ -159,7 +85,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=None, metavar="SPLIT.tsv",
                    help="also write a seeded train/validation/test split (columns cell, subset)")
     p.add_argument("--split-seed", type=int, default=0, metavar="S", help="seed of the split")
-    p.add_argument("--split-fractions", type=_fractions, default=_SPLIT_FRACTIONS, metavar="TRAIN,VAL,TEST",
+    p.add_argument("--split-fractions", type=split_fractions, default=_SPLIT_FRACTIONS, metavar="TRAIN,VAL,TEST",
                    help="fractions of cells in train, validation and test")
     p.add_argument("--stratify", action="store_true",
                    help="split each label separately, so every subset keeps the label proportions (needs --labels)")
@@ -173,7 +99,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
         raise UsageError("--stratify needs --labels")
     if args.stratify and args.split is None:
         raise UsageError("--stratify only applies with --split")
-    with _StderrLog("prepare"):
+    with StderrLog("prepare"):
         counts = prepare_input(args.input, args.format, stream=args.stream, stream_above_gb=args.stream_above_gb,
                                genome=args.genome, layer=args.layer, use_raw=args.use_raw, labels=args.labels,
                                round_counts=args.round_counts, min_counts_cell=args.min_counts_cell,
@@ -222,7 +148,7 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="FILE", help="where to write the file")
     p.add_argument("--sha256", default=None, help="expected sha256 (hex)")
     p.add_argument("--md5", default=None, help="expected md5 (hex)")
-    p.add_argument("--retries", type=_non_negative_int, default=3,
+    p.add_argument("--retries", type=non_negative_int, default=3,
                    help="retries after a server error or dropped connection")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server on each read")
     p.add_argument("--list", action="store_true", help="list the registered data sets and exit")
@@ -240,7 +166,7 @@ def _cmd_download(args: argparse.Namespace) -> None:
     if not args.source or not args.out:
         raise UsageError("give NAME|URL and --out FILE (or --list)")
     options = dict(sha256=args.sha256, md5=args.md5, retries=args.retries, timeout=args.timeout)
-    with _StderrLog("download"):
+    with StderrLog("download"):
         try:
             if "://" in args.source:
                 digest = fetch(args.source, args.out, **options)
@@ -260,17 +186,6 @@ _SIM_DEFAULTS = {"poisson-check": {"cells": 2000, "genes": 10},
                                  "hard": False}}
 
 
-def _open_fraction(text: str) -> float:
-    """Parse a fraction strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1, got {text!r}")
-    return value
-
-
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="write a synthetic data set as a canonical h5ad",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -284,18 +199,18 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("kind", metavar="KIND", choices=SIMULATIONS, help="one of " + ", ".join(SIMULATIONS))
     p.add_argument("--out", required=True, metavar="COUNTS.h5ad", default=argparse.SUPPRESS,
                    help="canonical AnnData file to write")
-    p.add_argument("--cells", type=_positive_int, metavar="N", default=argparse.SUPPRESS,
+    p.add_argument("--cells", type=positive_int, metavar="N", default=argparse.SUPPRESS,
                    help="number of cells (default: " + ", ".join(f"{d[k]['cells']} {k}" for k in SIMULATIONS) + ")")
-    p.add_argument("--genes", type=_positive_int, metavar="G", default=argparse.SUPPRESS,
+    p.add_argument("--genes", type=positive_int, metavar="G", default=argparse.SUPPRESS,
                    help="number of genes (features) (default: " +
                         ", ".join(f"{d[k]['genes']} {k}" for k in SIMULATIONS) + ")")
-    p.add_argument("--types", type=_positive_int, metavar="K", default=argparse.SUPPRESS,
+    p.add_argument("--types", type=positive_int, metavar="K", default=argparse.SUPPRESS,
                    help=f"gmvae-mixture: mixture components and k-means clusters (default: "
                         f"{d['gmvae-mixture']['types']}); single-cell: cell types (default: "
                         f"{d['single-cell']['types']}); not used by poisson-check")
-    p.add_argument("--sparsity", type=_open_fraction, metavar="S", default=argparse.SUPPRESS,
+    p.add_argument("--sparsity", type=open_fraction, metavar="S", default=argparse.SUPPRESS,
                    help=f"single-cell only: expected fraction of zero counts (default: {d['single-cell']['sparsity']})")
-    p.add_argument("--batches", type=_positive_int, metavar="B", default=argparse.SUPPRESS,
+    p.add_argument("--batches", type=positive_int, metavar="B", default=argparse.SUPPRESS,
                    help="single-cell only: batches with a known per-gene batch effect, in obs['batch'] (batch0 is "
                         f"the batch-free reference; default: {d['single-cell']['batches']}, none)")
     p.add_argument("--hard", action="store_true", default=argparse.SUPPRESS,
@@ -362,14 +277,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=None,
                    help="split.tsv (cell, subset); default: a seeded 81/9/10 split saved in --out")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, history.tsv, metrics.json")
-    p.add_argument("--model", default=m.model, help=_one_of(MODELS))
-    p.add_argument("--likelihood", default=m.likelihood, help=_one_of(LIKELIHOODS))
-    p.add_argument("--encoder", type=_int_list, default=m.encoder, help="encoder hidden layer sizes, e.g. 100,250")
-    p.add_argument("--decoder", type=_int_list, default=m.decoder, help="decoder hidden layer sizes, e.g. 250,100")
+    p.add_argument("--model", default=m.model, help=one_of(MODELS))
+    p.add_argument("--likelihood", default=m.likelihood, help=one_of(LIKELIHOODS))
+    p.add_argument("--encoder", type=int_list, default=m.encoder, help="encoder hidden layer sizes, e.g. 100,250")
+    p.add_argument("--decoder", type=int_list, default=m.decoder, help="decoder hidden layer sizes, e.g. 250,100")
     p.add_argument("--latent", type=int, default=m.latent, help="latent dimension")
     p.add_argument("--components", type=int, default=m.components, help="mixture components K (GMVAE)")
     p.add_argument("--dispersion", default=m.dispersion,
-                   help=f"NB dispersion: {_one_of(DISPERSIONS)} (one per gene, a decoder output per cell, or one "
+                   help=f"NB dispersion: {one_of(DISPERSIONS)} (one per gene, a decoder output per cell, or one "
                         "per gene and batch, which needs --batch)")
     p.add_argument("--batch", action="store_true",
                    help="condition the model on the batch in the file's obs['batch'] (batch correction; "
@@ -388,9 +303,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-library-size", dest="library_size", action="store_false",
                    help="decoder mean free (the latent carries the library size; the paper's model)")
     p.add_argument("--y-regularisation", default=m.y_regularisation,
-                   help=f"GMVAE y term: {_one_of(Y_REGULARISATIONS)} (supervised needs labels)")
+                   help=f"GMVAE y term: {one_of(Y_REGULARISATIONS)} (supervised needs labels)")
     p.add_argument("--prior-y", default=m.prior_y,
-                   help=f"GMVAE mixture weights p(y): {_one_of(PRIORS_Y)}")
+                   help=f"GMVAE mixture weights p(y): {one_of(PRIORS_Y)}")
     p.add_argument("--free-nats", type=float, default=m.free_nats, help="free nats for the KL terms")
     p.add_argument("--epochs", type=int, default=t.epochs,
                    help="most epochs (a resumed run continues up to this); default: from the number of cells, "
@@ -410,10 +325,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="GMVAE: k-means initialisations of p(z|y) after pre-training; the best validation ELBO is kept")
     p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every, help="epochs between checkpoints")
     p.add_argument("--seed", type=int, default=t.seed, help="random seed (split, initialisation, minibatches)")
-    p.add_argument("--device", default=t.device, help=f"{_one_of(DEVICES)} (auto: CUDA when available)")
+    p.add_argument("--device", default=t.device, help=f"{one_of(DEVICES)} (auto: CUDA when available)")
     p.add_argument("--threads", type=int, default=t.threads, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--precision", default=t.precision,
-                   help=f"{_one_of(PRECISIONS)}: bfloat16 autocasts the MLPs (likelihood sums stay float32)")
+                   help=f"{one_of(PRECISIONS)}: bfloat16 autocasts the MLPs (likelihood sums stay float32)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the likelihood's dense x = 0 part (eager where unavailable)")
     p.add_argument("--stream", default=t.stream,
@@ -465,7 +380,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
             raise UsageError(f"{path}: no such file")
     # One line per epoch on stderr where no progress bar is drawn (sbatch, nohup, a redirect), else the bar;
     # warnings (no validation cells, a gene order put right) as one line each either way.
-    with _StderrLog("train", level=30 if sys.stderr.isatty() else 20):
+    with StderrLog("train", level=30 if sys.stderr.isatty() else 20):
         metrics = train_dataset(args.data, args.out, model, train, split_path=args.split, batch=args.batch)
     chosen = "training" if metrics.get("best_chosen_on") == "train" else "validation"
     print(f"trained {metrics['model']}-{metrics['likelihood']} for {metrics['epochs_trained']} epochs on "
@@ -482,7 +397,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder for metrics.json, latent.h5ad, feature_means.tsv")
     p.add_argument("--iw-samples", type=int, default=IW_SAMPLES, help="importance samples for log p(x)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the Monte-Carlo estimates")
-    p.add_argument("--device", default="auto", help=_one_of(DEVICES))
+    p.add_argument("--device", default="auto", help=one_of(DEVICES))
     from .config import TrainConfig
 
     t = TrainConfig()
@@ -508,7 +423,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.run}: no such run folder")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with _StderrLog("evaluate", level=30):
+    with StderrLog("evaluate", level=30):
         m = evaluate_dataset(args.run, args.data, str(out / "metrics.json"), str(out / "latent.h5ad"),
                              split_path=args.split, iw_samples=args.iw_samples, seed=args.seed,
                              feature_means_path=str(out / "feature_means.tsv"), device=args.device,

@@ -20,10 +20,11 @@ import scipy.sparse as sp
 import torch
 
 from . import distributions as D
-from .batches import SourceError, batch_codes, batch_column, open_source
+from .batches import SourceError, batch_codes, open_source
 from .config import ModelConfig, TrainConfig
-from .data import DataError, make_split, refuse_bad_counts
+from .data import DataError, make_split
 from .evaluation import evaluate_model, latent_means, responsibilities
+from .io import user_data
 from .io.atomic import torch_save, write_h5ad, write_text
 from .models import GMVAE, VAE, build_model
 from .provenance import RunInputs, check_genes
@@ -41,65 +42,6 @@ WEIGHTS = "model.pt"
 SETTINGS = "settings.json"
 # Cells x genes values per decoded minibatch (bounds the temporaries of the inference methods: 32 MB float32).
 DECODE_VALUES = 1 << 23
-
-
-def _where(layer: str | None) -> str:
-    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-
-
-def _counts(adata, layer: str | None) -> sp.csr_matrix:
-    """The raw counts of an AnnData (X or a layer) as CSR, checked like `prepare` checks a file; no copy of a
-    CSR matrix in canonical form."""
-    where = _where(layer)
-    if layer is not None and layer not in adata.layers:
-        raise DataError(f"{where}: no such layer (layers: {', '.join(map(str, adata.layers)) or 'none'})")
-    X = adata.X if layer is None else adata.layers[layer]
-    if X is None:
-        raise DataError(f"{where}: empty; give the layer that holds the raw counts (layer=...)")
-    if sp.issparse(X):
-        X = sp.csr_matrix(X) if not isinstance(X, sp.csr_matrix) else X
-    elif isinstance(X, np.ndarray):
-        X = sp.csr_matrix(X)
-    else:
-        raise DataError(f"{where}: a {type(X).__name__}; expected a numpy array or a scipy sparse matrix "
-                        "(a backed AnnData: load it with adata.to_memory())")
-    if X.dtype.kind not in "iuf":
-        raise DataError(f"{where}: values of type {X.dtype}; expected counts (integers or whole floats)")
-    if X.shape[0] == 0 or X.shape[1] == 0:
-        raise DataError(f"{where}: {X.shape[0]} cells x {X.shape[1]} genes; nothing to train on")
-    others = [name for name in adata.layers if name != layer]
-    hint = (f"are the raw counts in {', '.join(f'layer={n!r}' for n in others)}?" if others
-            else "give the raw counts (adata.raw, or a layer with layer=...)")
-    refuse_bad_counts(X.data, where, integer_source=X.dtype.kind in "iu", hint=hint)
-    if not X.has_canonical_format:  # duplicate entries would be counted apart by the sparse-aware likelihood
-        X = X.copy()
-        X.sum_duplicates()
-    return X
-
-
-def _labels(adata, labels_key: str | None) -> np.ndarray | None:
-    """obs[labels_key] as strings, or None; missing values are an error."""
-    if labels_key is None:
-        return None
-    if labels_key not in adata.obs:
-        raise DataError(f"adata.obs: no column {labels_key!r} (labels_key)")
-    column = adata.obs[labels_key]
-    missing = int(column.isna().sum())
-    if missing:
-        raise DataError(f"adata.obs[{labels_key!r}]: {missing} cells without a label")
-    return column.astype(str).to_numpy()
-
-
-def _batch_names(adata, batch_key: str | None) -> np.ndarray | None:
-    """obs[batch_key] as strings, or None; a missing column or a cell without a batch is a DataError."""
-    if batch_key is None:
-        return None
-    if batch_key not in adata.obs:
-        raise DataError(f"adata.obs: no column {batch_key!r} (batch_key)")
-    try:
-        return batch_column(adata.obs[batch_key], f"adata.obs[{batch_key!r}]")
-    except SourceError as err:
-        raise DataError(str(err)) from None
 
 
 class SCVAE:
@@ -152,10 +94,10 @@ class SCVAE:
             raise DataError(f"adata.obs_names: {int(adata.obs_names.duplicated().sum())} duplicate cell ids "
                             "(adata.obs_names_make_unique() first)")
         self.adata = adata
-        self._X = _counts(adata, self.layer)
+        self._X = user_data.counts(adata, self.layer)
         self.genes = np.asarray(adata.var_names, dtype=str)
-        self.labels = _labels(adata, self.labels_key)
-        names = _batch_names(adata, self.batch_key)
+        self.labels = user_data.labels(adata, self.labels_key)
+        names = user_data.batch_names(adata, self.batch_key)
         if names is not None:
             model_options["batches"] = sorted(set(names.tolist()))
             self._codes = batch_codes(names, model_options["batches"], "adata")
@@ -262,7 +204,7 @@ class SCVAE:
             if self.adata is None:
                 raise ValueError("this model was loaded without data: pass adata=")
             return self._X
-        X = _counts(adata, self.layer)
+        X = user_data.counts(adata, self.layer)
         order = check_genes(self.genes, np.asarray(adata.var_names, dtype=str), "adata.var_names", "this SCVAE model")
         return X if order is None else X[:, order]
 
@@ -273,7 +215,7 @@ class SCVAE:
             return None
         if adata is None:
             return self._codes
-        names = _batch_names(adata, self.batch_key)
+        names = user_data.batch_names(adata, self.batch_key)
         try:
             return batch_codes(names, self.model_config.batches, f"adata.obs[{self.batch_key!r}]")
         except SourceError as err:
@@ -311,13 +253,7 @@ class SCVAE:
 
     def _draw_z(self, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """z ~ q(z|x) (for a GMVAE: y ~ q(y|x), then z ~ q(z|x,y))."""
-        if isinstance(self.module, GMVAE):
-            mu, logvar = self.module.encode_z(x, b)
-            y = torch.multinomial(self.module.responsibilities(x, b), 1)[:, 0]
-            mu, logvar = mu[torch.arange(len(y)), y], logvar[torch.arange(len(y)), y]
-        else:
-            mu, logvar = self.module.encode(x, b)
-        return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        return self.module.sample_z(x, b)
 
     @torch.no_grad()
     def get_latent_representation(self, adata=None, indices=None, give_mean: bool = True,
@@ -502,7 +438,7 @@ class SCVAE:
             self._X = self._matrix(adata)
             self._codes = self._batch_codes(adata)
             self.adata = adata
-            self.labels = _labels(adata, self.labels_key) if self.labels_key in adata.obs else None
+            self.labels = user_data.labels(adata, self.labels_key) if self.labels_key in adata.obs else None
         return self
 
     @property
