@@ -1,6 +1,7 @@
 """Batch correction measured on real data with known truth (the CellBench mixtures in the shared data folder).
 
-For each data set: the singlets (demuxlet_cls == SNG), the top genes by binomial deviance, and three embeddings,
+For each data set: the singlets (demuxlet_cls == SNG), the top genes by binomial deviance within batches
+(--pooled-genes: of the pooled cells), and three embeddings,
 each scored by scvae_torch.integration (cell-type ARI/AMI of the clusters, kNN batch entropy, batch silhouette,
 type silhouette):
 
@@ -28,9 +29,9 @@ import pandas as pd
 DATASETS = ("cellbench_3cl_2platforms", "cellbench_5cl_3plates")
 
 
-def load(folder: str | Path, name: str, top: int = 2000):
-    """The data set's singlets, restricted to its `top` genes by binomial deviance, as an AnnData with obs
-    'cell_type' and 'batch'."""
+def load(folder: str | Path, name: str, top: int = 2000, within_batches: bool = True):
+    """The data set's singlets, restricted to its `top` genes by binomial deviance (summed within batches, or of
+    the pooled cells), as an AnnData with obs 'cell_type' and 'batch'."""
     import anndata as ad
 
     from scvae_torch.data import read_mtx
@@ -39,7 +40,8 @@ def load(folder: str | Path, name: str, top: int = 2000):
     counts = read_mtx(str(Path(folder) / f"{name}.counts.mtx.gz"), labels="cell_type", batch="batch")
     singlets = (counts.obs["demuxlet_cls"] == "SNG").to_numpy()
     X = counts.X[singlets]
-    keep = np.sort(top_genes(X, top)) if top and top < X.shape[1] else np.arange(X.shape[1])
+    batch = counts.batch[singlets] if within_batches else None
+    keep = np.sort(top_genes(X, top, batch=batch)) if top and top < X.shape[1] else np.arange(X.shape[1])
     adata = ad.AnnData(X[:, keep].astype(np.float32),
                        obs=pd.DataFrame({"cell_type": counts.labels[singlets], "batch": counts.batch[singlets]},
                                         index=counts.cells[singlets]),
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--top-genes", type=int, default=2000)
+    parser.add_argument("--pooled-genes", action="store_true",
+                        help="rank the genes by the deviance of the pooled cells (default: within batches)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-epochs", type=int, default=None, help="cap on epochs (default: SCVAE's)")
     parser.add_argument("--options", default="{}", help="model options as JSON, e.g. '{\"library_size\": true}'")
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --data or set SCVAE_SHARED_DATA")
     rows = []
     for name in args.datasets:
-        adata = load(args.data, name, args.top_genes)
+        adata = load(args.data, name, args.top_genes, within_batches=not args.pooled_genes)
         for seed in args.seeds:
             for method, result in run_methods(adata, seed, args.threads, max_epochs=args.max_epochs,
                                               **json.loads(args.options)).items():

@@ -132,3 +132,52 @@ def test_markers_outrank_genes_of_the_same_expression():
             beaten.append(np.mean(dev[peers] < dev[j]))
     assert len(beaten) >= 15
     assert np.mean(beaten) > 0.75
+
+
+def brute_deviance_within(D: np.ndarray, batch: np.ndarray) -> np.ndarray:
+    """The deviance with one multinomial per batch: p_bj = (gene j's total in batch b) / (batch b's total), and
+    D_j = 2 sum_i [x log(x / (n_i p_b(i)j)) + (n_i - x) log((n_i - x) / (n_i (1 - p_b(i)j)))], dense."""
+    D = np.asarray(D, dtype=np.float64)
+    n = D.sum(axis=1, keepdims=True)
+    p = np.empty_like(D)
+    for b in np.unique(batch):
+        p[batch == b] = D[batch == b].sum(0) / D[batch == b].sum()
+    rest = n - D
+    terms = xlogy(D, D) - xlogy(D, n * p) + xlogy(rest, rest) - xlogy(rest, n * (1 - p))
+    return 2 * terms.sum(axis=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_deviance_within_batches_matches_the_dense_definition(seed):
+    D = counts(90, 25, seed)
+    batch = np.random.default_rng(seed).choice(np.array(["plate1", "plate2", "plate3"]), size=90)
+    X = sp.csr_matrix(D.astype(np.float32))
+    expected = brute_deviance_within(D, batch)
+    np.testing.assert_allclose(genes.binomial_deviance(X, batch=batch), expected, rtol=1e-10, atol=1e-9)
+    chosen = sorted(range(expected.size), key=lambda j: (-expected[j], j))[:6]
+    assert genes.top_genes(X, 6, batch=batch).tolist() == sorted(chosen)
+    one = np.zeros(90, dtype=int)  # a single batch is the pooled deviance
+    np.testing.assert_allclose(genes.binomial_deviance(X, batch=one), genes.binomial_deviance(X), rtol=1e-12)
+
+
+def test_a_gene_that_only_tells_the_batches_apart_is_kept_pooled_but_not_within_batches():
+    """Gene 0's share is 4x higher in batch b than in batch a and the same for every cell within a batch (a
+    platform's capture bias); gene 1 marks half of the cells in both batches (a cell type)."""
+    rng = np.random.default_rng(0)
+    n_cells, n_genes = 400, 30
+    batch = np.repeat(["a", "b"], n_cells // 2)
+    kind = np.tile([0, 1], n_cells // 2)
+    rates = np.full((n_cells, n_genes), 2.0)
+    rates[batch == "b", 0] *= 4
+    rates[kind == 1, 1] *= 3
+    X = sp.csr_matrix(rng.poisson(rates).astype(np.float32))
+    assert genes.top_genes(X, 2).tolist() == [0, 1]
+    assert genes.top_genes(X, 1, batch=batch).tolist() == [1]
+    pooled, within = genes.binomial_deviance(X), genes.binomial_deviance(X, batch=batch)
+    assert pooled[0] > 2 * pooled[2:].max()  # far above the 28 genes without structure
+    assert within[0] <= within[2:].max()  # within batches, one of them
+
+
+def test_batch_labels_must_match_the_cells():
+    with pytest.raises(ValueError, match="3 labels for 4 cells"):
+        genes.binomial_deviance(sp.csr_matrix(np.ones((4, 2))), batch=np.array(["a", "b", "a"]))

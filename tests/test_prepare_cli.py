@@ -110,6 +110,29 @@ def test_prepare_top_genes_keeps_the_genes_brute_force_deviance_ranks_first(tmp_
     assert load_counts(str(paths["out"]))[0].shape == (79, 8) and csr_nbytes(str(paths["out"])) > 0
 
 
+
+def test_prepare_top_genes_with_a_batch_ranks_the_deviance_within_batches(tmp_path, capsys):
+    from test_genes import brute_deviance_within
+
+    X = random_counts(80, 30, density=0.4, seed=6).toarray().astype(np.float32)
+    batch = np.where(np.arange(80) < 40, "plate1", "plate2")
+    X[batch == "plate2", 4] = X[batch == "plate2", 4] * 5 + 3  # a gene that tells the plates apart
+    adata = make_adata(X, 80, 30)
+    adata.obs["plate"] = batch
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    paths = outputs(tmp_path)
+    status, err = run(capsys, "prepare", tmp_path / "in.h5ad", "--batch", "plate", "--top-genes", 8,
+                      "--out", paths["out"], "--summary", paths["summary"])
+    assert status == 0, err
+    deviance = brute_deviance_within(X, batch)
+    expected = sorted(sorted(range(30), key=lambda j: (-deviance[j], j))[:8])
+    out = anndata.read_h5ad(paths["out"])
+    assert list(out.var_names) == [f"g{j}" for j in expected]
+    np.testing.assert_allclose(out.var["binomial_deviance"], deviance[expected], rtol=1e-9)
+    assert dict(out.uns["scvae_prepare"]) == {"criterion": "binomial_deviance", "top_genes": 8,
+                                              "genes_considered": 30, "within_batches": True}
+
+
 def test_prepare_top_genes_above_the_gene_count_keeps_all_and_says_so(tmp_path, capsys):
     paths = outputs(tmp_path)
     status, err = run(capsys, "prepare", V2, "--top-genes", 5000, "--out", paths["out"])

@@ -34,7 +34,8 @@ def filter_counts(counts: Counts, min_counts_cell: int = 0, min_counts_gene: int
 
 
 def select_genes(counts: Counts, n: int, source: str = "") -> Counts:
-    """Keep the n genes of highest binomial deviance (`scvae_torch.genes`), in their order, and record it.
+    """Keep the n genes of highest binomial deviance (`scvae_torch.genes`), in their order, and record it; with a
+    batch column (`prepare --batch`) the deviance is summed within batches (`uns['scvae_prepare']['within_batches']`).
 
     Parameters
     ----------
@@ -51,18 +52,19 @@ def select_genes(counts: Counts, n: int, source: str = "") -> Counts:
         The kept genes, with `gene_deviance` and `selection` set.
     """
     _genes.check_count(n)
-    deviance = _genes.binomial_deviance(counts.X)
+    deviance = _genes.binomial_deviance(counts.X, batch=counts.batch)  # within batches when there are some
     keep = _genes.rank_top(deviance, n)
     _report_selection(source, n, deviance.size)
     X = counts.X if keep.size == deviance.size else counts.X[:, keep]
     return Counts(X=X, genes=counts.genes[keep], cells=counts.cells, labels=counts.labels, batch=counts.batch,
                   gene_ids=None if counts.gene_ids is None else counts.gene_ids[keep], gene_deviance=deviance[keep],
-                  selection=_selection_record(n, deviance.size))
+                  selection=_selection_record(n, deviance.size, within_batches=counts.batch is not None))
 
 
-def _selection_record(n: int, n_genes: int) -> dict:
+def _selection_record(n: int, n_genes: int, within_batches: bool = False) -> dict:
     """What the canonical file records of a gene selection, as uns['scvae_prepare']."""
-    return {"criterion": _genes.CRITERION, "top_genes": int(n), "genes_considered": int(n_genes)}
+    record = {"criterion": _genes.CRITERION, "top_genes": int(n), "genes_considered": int(n_genes)}
+    return {**record, "within_batches": True} if within_batches else record
 
 
 def _report_selection(source: str, n: int, n_genes: int) -> None:
