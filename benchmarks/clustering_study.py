@@ -34,8 +34,9 @@ import numpy as np
 SHARED = ("mouse_bladder_2100", "cellbench_celseq2_3cl", "cellbench_5cl_3plates")
 
 
-def load(name: str, top_genes: int = 2000):
-    """An AnnData (raw counts CSR, obs['label']) of the hard simulation or a shared set."""
+def load(name: str, top_genes: int = 2000, within_batches: bool = False):
+    """An AnnData (raw counts CSR, obs['label']) of the hard simulation or a shared set; within_batches: rank the
+    genes by their deviance within the set's batches (plates, platforms), where it has a batch column."""
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
@@ -53,14 +54,16 @@ def load(name: str, top_genes: int = 2000):
         folder = os.environ.get("SCVAE_SHARED_DATA")
         if not folder:
             sys.exit("set SCVAE_SHARED_DATA to the folder of the shared data sets")
-        counts = read_mtx(os.path.join(folder, f"{name}.counts.mtx.gz"), labels="cell_type")
+        path = os.path.join(folder, f"{name}.counts.mtx.gz")
+        counts = read_mtx(path, labels="cell_type", batch="batch" if within_batches else None)
         rows = np.arange(counts.X.shape[0])
         if counts.obs is not None and "demuxlet_cls" in counts.obs:
             rows = np.flatnonzero((counts.obs["demuxlet_cls"] == "SNG").to_numpy())
         X, labels, cells = counts.X[rows].tocsr(), np.asarray(counts.labels)[rows], np.asarray(counts.cells)[rows]
         keep = np.flatnonzero(np.asarray(X.sum(0)).ravel() > 0)
         if top_genes and keep.size > top_genes:
-            keep = np.sort(top(X, top_genes))
+            batch = counts.batch[rows] if within_batches else None
+            keep = np.sort(top(X, top_genes, batch=batch))
         X, genes = X[:, keep].astype(np.float32), np.asarray(counts.genes)[keep]
     adata = ad.AnnData(X, obs=pd.DataFrame({"label": labels.astype(str)}, index=cells.astype(str)),
                        var=pd.DataFrame(index=genes.astype(str)))
@@ -147,6 +150,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--max-epochs", type=int, default=None, help="cap on epochs (default: the library's)")
     p.add_argument("--top-genes", type=int, default=2000)
+    p.add_argument("--within-batches", action="store_true",
+                   help="rank the genes by their deviance within the set's batches (sets with a batch column)")
     p.add_argument("--scvi", action="store_true", help="also k-means on scVI's latent (needs scvi-tools)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="also append the rows to this TSV")
@@ -159,7 +164,7 @@ def main() -> None:
     print(f"# load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}; {args.threads} threads", flush=True)
     rows = []
     for name in args.sets.split(","):
-        adata = load(name, args.top_genes)
+        adata = load(name, args.top_genes, args.within_batches)
         for seed in map(int, args.seeds.split(",")):
             base = {"dataset": name, "cells": adata.n_obs, "genes": adata.n_vars, "K": adata.obs["label"].nunique(),
                     "seed": seed, **baselines(adata, seed, args.scvi, args.max_epochs, args.threads)}
