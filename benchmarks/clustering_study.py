@@ -17,6 +17,7 @@ Variants: a model (vae | gmvae) and options joined by "+":
   learned   prior_y="learned": mixture weights p(y) learned (scVAE's "learn")
   rN        init_restarts=N: N k-means initialisations of p(z|y), the best validation ELBO kept
   latN      latent size N
+  preN      pretrain_epochs=N: N epochs of VAE pre-training before the mixture prior is set
   defaults  nothing changed (the library's defaults, whatever they are)
   paper     the paper's GMVAE as config/paper.yaml trains it (uniform p(y), no library size, raw input)
 Data sets: hard-sim (simulate.single_cell(3000, 1000, 6, hard=True)), and the shared sets by name.
@@ -89,6 +90,8 @@ def options(variant: str) -> tuple[str, dict, dict]:
             model_opts.update(library_size=False, prior_y="uniform", log1p_input=False)
         elif part.startswith("lat"):
             model_opts["latent"] = int(part[3:])
+        elif part.startswith("pre") and part[3:].isdigit():
+            train_opts["pretrain_epochs"] = int(part[3:])
         elif part.startswith("r") and part[1:].isdigit():
             train_opts["init_restarts"] = int(part[1:])
         elif part != "defaults":
