@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
@@ -38,38 +37,21 @@ SHARED = ("mouse_bladder_2100", "cellbench_celseq2_3cl", "cellbench_5cl_3plates"
 def load(name: str, top_genes: int = 2000, within_batches: bool = False):
     """An AnnData (raw counts CSR, obs['label']) of the hard simulation or a shared set; within_batches: rank the
     genes by their deviance within the set's batches (plates, platforms), where it has a batch column."""
+    if name != "hard-sim":
+        from shared_sets import load_shared
+
+        return load_shared(name, top_genes, singlets=True, within_batches=within_batches)
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
 
-    if name == "hard-sim":
-        from scvae_torch import simulate
+    from scvae_torch import simulate
 
-        sim = simulate.single_cell(3000, 1000, 6, seed=0, hard=True)
-        X, labels = sp.csr_matrix(sim.X, dtype=np.float32), np.asarray(sim.labels)
-        cells, genes = np.array([f"cell{i}" for i in range(X.shape[0])]), np.array([f"g{j}" for j in range(X.shape[1])])
-    else:
-        from scvae_torch.data import read_mtx
-        from scvae_torch.genes import top_genes as top
-
-        folder = os.environ.get("SCVAE_SHARED_DATA")
-        if not folder:
-            sys.exit("set SCVAE_SHARED_DATA to the folder of the shared data sets")
-        path = os.path.join(folder, f"{name}.counts.mtx.gz")
-        counts = read_mtx(path, labels="cell_type", batch="batch" if within_batches else None)
-        rows = np.arange(counts.X.shape[0])
-        if counts.obs is not None and "demuxlet_cls" in counts.obs:
-            rows = np.flatnonzero((counts.obs["demuxlet_cls"] == "SNG").to_numpy())
-        X, labels, cells = counts.X[rows].tocsr(), np.asarray(counts.labels)[rows], np.asarray(counts.cells)[rows]
-        keep = np.flatnonzero(np.asarray(X.sum(0)).ravel() > 0)
-        if top_genes and keep.size > top_genes:
-            batch = counts.batch[rows] if within_batches else None
-            keep = np.sort(top(X, top_genes, batch=batch))
-        X, genes = X[:, keep].astype(np.float32), np.asarray(counts.genes)[keep]
-    adata = ad.AnnData(X, obs=pd.DataFrame({"label": labels.astype(str)}, index=cells.astype(str)),
-                       var=pd.DataFrame(index=genes.astype(str)))
-    adata.var_names_make_unique()
-    return adata
+    sim = simulate.single_cell(3000, 1000, 6, seed=0, hard=True)
+    X, labels = sp.csr_matrix(sim.X, dtype=np.float32), np.asarray(sim.labels)
+    cells, genes = np.array([f"cell{i}" for i in range(X.shape[0])]), np.array([f"g{j}" for j in range(X.shape[1])])
+    return ad.AnnData(X, obs=pd.DataFrame({"label": labels.astype(str)}, index=cells),
+                      var=pd.DataFrame(index=genes))
 
 
 def options(variant: str) -> tuple[str, dict, dict]:

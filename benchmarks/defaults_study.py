@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
@@ -42,32 +41,26 @@ VARIANTS = {
 
 def load(name: str, top_genes: int | None = None):
     """An AnnData (raw counts, obs['label']) of a shared set or a simulation."""
+    if name not in ("sim-sc", "poisson-check"):
+        from shared_sets import load_shared
+
+        return load_shared(name, top_genes, singlets=False)
     import anndata as ad
     import scipy.sparse as sp
 
     from scvae_torch import simulate
-    from scvae_torch.data import read_mtx
 
-    if name in ("sim-sc", "poisson-check"):
-        sim = simulate.single_cell(5000, 2000, 6, seed=0) if name == "sim-sc" else simulate.poisson_check(2000, 10)
-        X, labels = sp.csr_matrix(sim.X, dtype=np.float32), sim.labels
-        cells = [f"cell{i}" for i in range(X.shape[0])]
-        genes = [f"gene{j}" for j in range(X.shape[1])]
-    else:
-        folder = os.environ.get("SCVAE_SHARED_DATA")
-        if not folder:
-            sys.exit("set SCVAE_SHARED_DATA to the folder of the shared data sets")
-        counts = read_mtx(os.path.join(folder, f"{name}.counts.mtx.gz"), labels="cell_type")
-        X, labels, cells, genes = counts.X, counts.labels, counts.cells, counts.genes
+    sim = simulate.single_cell(5000, 2000, 6, seed=0) if name == "sim-sc" else simulate.poisson_check(2000, 10)
+    X, labels = sp.csr_matrix(sim.X, dtype=np.float32), sim.labels
     keep = np.asarray(X.sum(0)).ravel() > 0
     if top_genes and keep.sum() > top_genes:  # the most informative genes (binomial deviance), as prepare does
         from scvae_torch.genes import top_genes as top
 
         keep = np.zeros(X.shape[1], bool)
-        keep[top(X.tocsr(), top_genes)] = True
+        keep[top(X, top_genes)] = True
     adata = ad.AnnData(X[:, keep].tocsr())
-    adata.obs_names = np.asarray(cells, dtype=str)
-    adata.var_names = np.asarray(genes, dtype=str)[keep]
+    adata.obs_names = [f"cell{i}" for i in range(X.shape[0])]
+    adata.var_names = np.asarray([f"gene{j}" for j in range(X.shape[1])])[keep]
     if labels is not None:
         adata.obs["label"] = np.asarray(labels, dtype=str)
     return adata

@@ -30,24 +30,11 @@ DATASETS = ("cellbench_3cl_2platforms", "cellbench_5cl_3plates")
 
 
 def load(folder: str | Path, name: str, top: int = 2000, within_batches: bool = True):
-    """The data set's singlets, restricted to its `top` genes by binomial deviance (summed within batches, or of
-    the pooled cells), as an AnnData with obs 'cell_type' and 'batch'."""
-    import anndata as ad
+    """The data set's singlets on its `top` genes by binomial deviance (summed within batches, or of the pooled
+    cells), as an AnnData with obs 'label' (the cell line) and 'batch'."""
+    from shared_sets import load_shared
 
-    from scvae_torch.data import read_mtx
-    from scvae_torch.genes import top_genes
-
-    counts = read_mtx(str(Path(folder) / f"{name}.counts.mtx.gz"), labels="cell_type", batch="batch")
-    singlets = (counts.obs["demuxlet_cls"] == "SNG").to_numpy()
-    X = counts.X[singlets]
-    batch = counts.batch[singlets] if within_batches else None
-    keep = np.sort(top_genes(X, top, batch=batch)) if top and top < X.shape[1] else np.arange(X.shape[1])
-    adata = ad.AnnData(X[:, keep].astype(np.float32),
-                       obs=pd.DataFrame({"cell_type": counts.labels[singlets], "batch": counts.batch[singlets]},
-                                        index=counts.cells[singlets]),
-                       var=pd.DataFrame(index=counts.genes[keep]))
-    adata.var_names_make_unique()
-    return adata
+    return load_shared(name, top, singlets=True, within_batches=within_batches, folder=folder)
 
 
 def run_methods(adata, seed: int, threads: int = 1, methods: tuple[str, ...] = ("gmvae+batch", "gmvae", "pca"),
@@ -59,7 +46,7 @@ def run_methods(adata, seed: int, threads: int = 1, methods: tuple[str, ...] = (
     from scvae_torch.integration import integration_scores, log_pca
 
     torch.set_num_threads(threads)
-    labels, batch = adata.obs["cell_type"].to_numpy(), adata.obs["batch"].to_numpy()
+    labels, batch = adata.obs["label"].to_numpy(), adata.obs["batch"].to_numpy()
     k = len(np.unique(labels))
     out = {}
     for method in methods:

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_models import _log_py  # log p(y) from torch.distributions
 
 from scvae_torch import distributions as D
 from scvae_torch.evaluation import cluster_scores, kmeans_labels
@@ -28,13 +29,6 @@ def _quadrature_log_px(model, x, grid):
             log_prior = log_prior + _log_py(model)[:, None]
         out.append(torch.logsumexp(torch.logsumexp(log_prior + log_px_z[None], 0) + math.log(dz), 0))
     return torch.stack(out)
-
-
-def _log_py(model):
-    """log p(y) of a GMVAE, from torch.distributions: uniform, or the learned weights' logits."""
-    K = model.cfg.components
-    logits = model.prior_y_logits if model.cfg.prior_y == "learned" else torch.zeros(K, dtype=torch.float64)
-    return torch.distributions.Categorical(logits=logits.double()).logits
 
 
 def _trained(model_name, tmp_path):
