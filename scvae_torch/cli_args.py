@@ -34,26 +34,25 @@ def int_list(text: str) -> list[int]:
     return sizes
 
 
-def non_negative_int(text: str) -> int:
-    """Parse a count threshold >= 0."""
+def _whole_number(text: str, minimum: int) -> int:
+    """Parse a whole number >= minimum."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    """Parse a count threshold >= 0."""
+    return _whole_number(text, 0)
 
 
 def positive_int(text: str) -> int:
     """Parse a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+    return _whole_number(text, 1)
 
 
 def split_fractions(text: str) -> tuple[float, float, float]:

@@ -98,15 +98,13 @@ def decoded_feature_means(model: VAE, X: CountSource, rows: np.ndarray, device: 
     model.eval()
     total = torch.zeros(X.shape[1], dtype=torch.float64)
     generator = None
+    draws = max(n_samples, 1)
     for x, b in _batches(X, rows, device, batch_size, batch_codes):
-        if n_samples == 0:
-            total += D.mean(model.cfg.likelihood, model.decode(model.latent(x, b), x, b)).double().sum(0).cpu()
-            continue
-        if generator is None:
+        if generator is None and n_samples:  # on the device the counts arrive on (a Source keeps its own)
             generator = torch.Generator(device=x.device).manual_seed(seed)
-        for _ in range(n_samples):
-            params = model.decode(model.sample_z(x, b, generator), x, b)
-            total += D.mean(model.cfg.likelihood, params).double().sum(0).cpu() / n_samples
+        for _ in range(draws):
+            z = model.sample_z(x, b, generator) if n_samples else model.latent(x, b)
+            total += D.mean(model.cfg.likelihood, model.decode(z, x, b)).double().sum(0).cpu() / draws
     return (total / max(len(rows), 1)).numpy()
 
 
