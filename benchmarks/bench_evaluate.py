@@ -33,7 +33,7 @@ def worker(job: dict) -> dict:
     """Evaluate in this process; seconds and peak RSS."""
     import torch
 
-    from scvae_torch.evaluation import evaluate_dataset
+    from scvae_torch.runs import evaluate_dataset
 
     torch.set_num_threads(job["threads"])
     out = job["out"]

@@ -372,7 +372,7 @@ def _model_train_configs(args: argparse.Namespace) -> tuple[dict, object]:
 def _cmd_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .training import train_dataset
+    from .runs import train_dataset
 
     model, train = _model_train_configs(args)
     for path in (args.data, args.split):
@@ -412,7 +412,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .evaluation import evaluate_dataset
+    from .runs import evaluate_dataset
 
     if args.iw_samples < 0:
         raise UsageError(f"--iw-samples must be >= 0, got {args.iw_samples}")

@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from . import provenance
-from .batches import (
-    Source,
-    SourceError,
-    StreamSource,
-    load_counts,
-    open_source,
-    read_annotations,
-    read_batches,
-)
-from .batches import batch_codes as to_batch_codes
-from .config import DECODE_SAMPLES, IW_SAMPLES, TrainConfig
-from .io.atomic import write_h5ad, write_text
+from .batches import Source, open_source
+from .config import DECODE_SAMPLES, IW_SAMPLES
 from .models import GMVAE, VAE
-from .training import (
-    TrainingError,
-    batch_tensor,
-    evaluate_terms,
-    load_model,
-    resolve_device,
-    select_genes,
-    streams,
-)
+from .training import batch_tensor, evaluate_terms
 
 CountSource = sp.csr_matrix | Source  # the counts, in memory or read from the file minibatch by minibatch
 
@@ -156,93 +133,3 @@ def evaluate_model(model: VAE, X: CountSource, rows: np.ndarray, iw_samples: int
         result["iw_log_lik"] = terms["iw_log_lik"]
     result.update(iw_samples=iw_samples, n_cells=int(len(rows)))
     return result
-
-
-def evaluate_dataset(model_dir: str, data_path: str, metrics_path: str, latent_path: str,
-                     split_path: str | None = None, iw_samples: int = IW_SAMPLES, seed: int = 0,
-                     feature_means_path: str | None = None, device: str = "auto", stream: str = "auto",
-                     stream_above_gb: float = TrainConfig.stream_above_gb) -> dict:
-    """Evaluate a run folder on the test split; write metrics JSON, latent.h5ad and optional feature means.
-
-    stream as in training: 'on' (or 'auto' above stream_above_gb GiB) reads the counts from the file
-    minibatch by minibatch instead of holding them (compactly) in memory."""
-    dev = resolve_device(device)
-    model = load_model(model_dir, dev)  # first: a damaged or unsafe model file is named as such
-    provenance.check_evaluable(model_dir)  # not locked by a training, checkpointed, trained
-    provenance.check_canonical_file(data_path)
-    if streams(data_path, TrainConfig(stream=stream, stream_above_gb=stream_above_gb)):
-        try:  # the same one line as `train` for a file that cannot be streamed
-            cells, labels, genes = read_annotations(data_path)
-            X = StreamSource(data_path, dev)
-        except SourceError as err:
-            raise TrainingError(str(err)) from None
-    else:
-        counts, cells, labels, genes = load_counts(data_path)  # whole counts held compactly (memory)
-        X = None
-    try:
-        provenance.check_cell_ids(data_path, cells)
-        order = provenance.align_genes(model_dir, genes, data_path)  # the model's gene order, by name
-        if X is None:
-            X = open_source(counts if order is None else select_genes(counts, order), dev)  # once, for every pass
-        elif order is not None:
-            X = select_genes(X, order)
-        if order is not None:
-            genes = genes[order]
-        codes = None
-        if model.cfg.n_batches:  # names -> the codes the model was trained with; an unseen batch is refused
-            codes = to_batch_codes(read_batches(data_path), model.cfg.batches, f"{data_path}: obs['batch']")
-        return _evaluate(model, X, cells, labels, genes, model_dir, metrics_path, latent_path, split_path,
-                         iw_samples, seed, feature_means_path, dev, codes)
-    except SourceError as err:  # a streamed block that cannot be read or holds no counts
-        raise TrainingError(f"{err}; nothing was written") from None
-    finally:
-        if isinstance(X, StreamSource):
-            X.close()
-
-
-def _evaluate(model: VAE, X: CountSource, cells: np.ndarray, labels: np.ndarray | None, genes: np.ndarray,
-              model_dir: str, metrics_path: str, latent_path: str, split_path: str | None, iw_samples: int,
-              seed: int, feature_means_path: str | None, dev: torch.device,
-              codes: np.ndarray | None = None) -> dict:
-    """evaluate_dataset's work on counts already opened."""
-    import anndata as ad
-
-    from . import data
-
-    split = Path(split_path) if split_path else Path(model_dir) / "split.tsv"
-    subsets = data.read_split(str(split), cells)
-    provenance.check_evaluation_split(model_dir, cells, subsets, str(split))  # test cells it never trained on
-    test = subsets["test"]
-    metrics = {"model": model.cfg.model, "likelihood": model.cfg.likelihood,
-               **evaluate_model(model, X, test, iw_samples=iw_samples, seed=seed, device=dev,
-                               batch_codes=codes)}
-
-    everyone = np.arange(X.shape[0])
-    obs = pd.DataFrame(index=pd.Index(cells.astype(str), name="cell"))
-    subset_of = np.empty(len(everyone), dtype=object)
-    for name, rows in subsets.items():
-        subset_of[rows] = name
-    obs["subset"] = pd.Categorical(subset_of)
-    if labels is not None:
-        obs["label"] = pd.Categorical(labels.astype(str))
-    if codes is not None:
-        obs["batch"] = pd.Categorical(np.asarray(model.cfg.batches)[codes], categories=model.cfg.batches)
-    latent = ad.AnnData(X=sp.csr_matrix((len(everyone), 0), dtype=np.float32), obs=obs)
-    latent.obsm["X_scvae"] = latent_means(model, X, everyone, dev, batch_codes=codes)
-    if isinstance(model, GMVAE):
-        resp = responsibilities(model, X, everyone, dev, batch_codes=codes)
-        latent.obsm["scvae_responsibilities"] = resp
-        latent.obs["scvae_cluster"] = pd.Categorical(resp.argmax(1).astype(str))
-        if labels is not None:
-            metrics["test_cluster"] = cluster_scores(labels[test], resp[test].argmax(1))
-    latent.uns["scvae"] = {"model": model.cfg.model, "likelihood": model.cfg.likelihood}
-    write_h5ad(latent, latent_path)
-    if feature_means_path:
-        table = pd.DataFrame({"feature": genes.astype(str),
-                              "observed_mean": observed_feature_means(X, test),
-                              "decoded_mean": decoded_feature_means(model, X, test, dev, batch_codes=codes,
-                                                                     seed=seed)})
-        write_text(feature_means_path, table.to_csv(sep="\t", index=False))
-    write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
-    return metrics
-

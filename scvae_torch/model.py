@@ -1,7 +1,8 @@
 """SCVAE: the model on a user's AnnData, named as in scvi-tools (train, latent, clusters, expression, save/load).
 
-The same training loop as the command line and the pipeline (`training.fit`), so checkpoints, resume, signals,
-the non-finite guard and early stopping behave identically; every default comes from `config`.
+The command line and the pipeline train and evaluate through this class too (`runs`): one training loop
+(`training.fit`), so checkpoints, resume, signals, the non-finite guard and early stopping behave identically
+everywhere; every default comes from `config`.
 """
 
 from __future__ import annotations
@@ -20,15 +21,28 @@ import scipy.sparse as sp
 import torch
 
 from . import distributions as D
-from .batches import SourceError, batch_codes, open_source
-from .config import ModelConfig, TrainConfig
-from .data import DataError, make_split
+from . import provenance
+from .batches import SourceError, StreamSource, batch_codes, open_source
+from .config import IW_SAMPLES, ModelConfig, TrainConfig
+from .data import DataError
 from .evaluation import evaluate_model, latent_means, responsibilities
 from .io import user_data
 from .io.atomic import torch_save, write_h5ad, write_text
 from .models import GMVAE, VAE, build_model
 from .provenance import RunInputs, check_genes
-from .training import BEST, CHECKPOINT, CHECKPOINT_FORMAT, HISTORY, TrainingError, fit, load_checkpoint, resolve_device
+from .training import (
+    BEST,
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    HISTORY,
+    TrainingError,
+    fit,
+    load_checkpoint,
+    resolve_device,
+    run_gene_order,
+    run_split,
+    select_genes,
+)
 
 log = logging.getLogger("scvae_torch.model")
 
@@ -88,25 +102,29 @@ class SCVAE:
         self.layer = layer if layer is not None else setup.get("layer")
         self.labels_key = labels_key if labels_key is not None else setup.get("labels_key")
         self.batch_key = batch_key if batch_key is not None else setup.get("batch_key")
-        if "batches" in model_options:
-            raise ValueError("the batch categories come from the data: give batch_key, not batches")
         if not adata.obs_names.is_unique:
             raise DataError(f"adata.obs_names: {int(adata.obs_names.duplicated().sum())} duplicate cell ids "
                             "(adata.obs_names_make_unique() first)")
+        self._setup(user_data.counts(adata, self.layer), np.asarray(adata.obs_names, dtype=str),
+                    np.asarray(adata.var_names, dtype=str), user_data.labels(adata, self.labels_key),
+                    user_data.batch_names(adata, self.batch_key), "adata",
+                    dict(model=model, likelihood=likelihood, components=components, encoder=encoder,
+                         decoder=decoder, latent=latent, **model_options))
         self.adata = adata
-        self._X = user_data.counts(adata, self.layer)
-        self.genes = np.asarray(adata.var_names, dtype=str)
-        self.labels = user_data.labels(adata, self.labels_key)
-        names = user_data.batch_names(adata, self.batch_key)
-        if names is not None:
-            model_options["batches"] = sorted(set(names.tolist()))
-            self._codes = batch_codes(names, model_options["batches"], "adata")
+
+    def _setup(self, X, cells: np.ndarray, genes: np.ndarray, labels: np.ndarray | None,
+               batch_names: np.ndarray | None, source: str, settings: dict) -> None:
+        """The data (counts, cell ids, genes, labels, batch codes) and an untrained module of the given settings."""
+        if "batches" in settings:
+            raise ValueError("the batch categories come from the data: give batch_key, not batches")
+        settings = {k: v for k, v in settings.items() if v is not None}
+        if batch_names is not None:
+            settings["batches"] = sorted(set(batch_names.tolist()))
+            self._codes = batch_codes(batch_names, settings["batches"], source)
         else:
             self._codes = None
-        given = dict(model=model, likelihood=likelihood, components=components, encoder=encoder, decoder=decoder,
-                     latent=latent, **model_options)
-        self.model_config = ModelConfig.from_dict({"n_features": adata.n_vars,
-                                                   **{k: v for k, v in given.items() if v is not None}})
+        self.adata, self._X, self.cells, self.genes, self.labels, self.source = None, X, cells, genes, labels, source
+        self.model_config = ModelConfig.from_dict({"n_features": len(genes), **settings})
         torch.manual_seed(0)
         self.module: VAE = build_model(self.model_config).eval()
         self.device = torch.device("cpu")
@@ -115,6 +133,38 @@ class SCVAE:
         self.metrics: dict = {}
         self.is_trained = False
         self.train_indices = self.validation_indices = self.test_indices = np.arange(0)
+
+    @classmethod
+    def _of_data(cls, X, cells: np.ndarray, genes: np.ndarray, labels: np.ndarray | None,
+                 batch_names: np.ndarray | None, source: str, settings: dict) -> SCVAE:
+        """An untrained model of counts that are not an AnnData's (a canonical file's: `runs.file_model`)."""
+        self = cls.__new__(cls)
+        self.layer = self.labels_key = self.batch_key = None
+        self._setup(X, cells, genes, labels, batch_names, source, settings)
+        return self
+
+    @classmethod
+    def _of_module(cls, module: VAE, device: torch.device, genes: np.ndarray) -> SCVAE:
+        """A trained model of `module` (on `device`, in eval mode), holding no data yet."""
+        self = cls.__new__(cls)
+        self.layer = self.labels_key = self.batch_key = None
+        self.adata, self._X, self.cells, self.labels, self._codes, self.source = None, None, None, None, None, "adata"
+        self.genes, self.model_config, self.device = np.asarray(genes, dtype=str), module.cfg, device
+        self.module = module.to(device).eval()
+        self.train_config, self.history, self.metrics, self.is_trained = None, pd.DataFrame(), {}, True
+        self.train_indices = self.validation_indices = self.test_indices = np.arange(0)
+        return self
+
+    def close(self) -> None:
+        """Release the file of a model reading its counts from one (`from_file` with streaming)."""
+        if isinstance(self._X, StreamSource):
+            self._X.close()
+
+    def __enter__(self) -> SCVAE:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- set-up and training ------------------------------------------------------------------------------
 
@@ -129,7 +179,8 @@ class SCVAE:
     def train(self, max_epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
               early_stopping: bool | None = None, patience: int | None = None, train_size: float = 0.9,
               validation_size: float | None = None, seed: int = 0, device: str = "auto",
-              checkpoint_dir: str | Path | None = None, **train_options) -> SCVAE:
+              checkpoint_dir: str | Path | None = None, split_file: str | None = None,
+              train_config: TrainConfig | None = None, **train_options) -> SCVAE:
         """Train on the cells of the AnnData, then write the latent (and clusters) into it.
 
         Parameters
@@ -147,7 +198,12 @@ class SCVAE:
             ``"auto"`` (CUDA when there is one), ``"cpu"`` or ``"cuda"``.
         checkpoint_dir
             Keep the run folder here (checkpoint.pt, best.pt, history.tsv, split.tsv); run again with the same
-            folder to resume a killed run. Default: a temporary folder, removed afterwards.
+            folder to resume a killed run (with the split saved there). Default: a temporary folder, removed
+            afterwards.
+        split_file
+            A split.tsv (cell id, subset) to train with instead of a new split.
+        train_config
+            A whole `TrainConfig` (the command line's), in place of the options above and ``train_options``.
         **train_options
             Any other `TrainConfig` field (``kl_warmup``, ``pretrain_epochs``, ``weight_decay`` ...).
 
@@ -155,35 +211,46 @@ class SCVAE:
         -------
         The model, trained, with the weights of its best validation ELBO.
         """
-        given = dict(epochs=max_epochs, lr=lr, batch_size=batch_size, early_stopping=early_stopping,
-                     patience=patience, seed=seed, device=device, **train_options)
-        tc = TrainConfig.from_dict({k: v for k, v in given.items() if v is not None})
+        if train_config is None:
+            given = dict(epochs=max_epochs, lr=lr, batch_size=batch_size, early_stopping=early_stopping,
+                         patience=patience, seed=seed, device=device, **train_options)
+            train_config = TrainConfig.from_dict({k: v for k, v in given.items() if v is not None})
+        tc = train_config
         validation_size = 1.0 - train_size if validation_size is None else validation_size
-        test_size = max(0.0, 1.0 - train_size - validation_size)
-        cells = np.asarray(self.adata.obs_names, dtype=str)
-        split = make_split(cells, fractions=(train_size, validation_size, test_size), seed=seed)
-        subset = split.to_numpy()
-        self.train_indices, self.validation_indices, self.test_indices = (
-            np.flatnonzero(subset == name) for name in ("train", "validation", "test"))
-        labels = None
-        if self.model_config.y_regularisation == "supervised":
-            if self.labels is None:
-                raise DataError("y_regularisation='supervised' needs labels: give labels_key")
-            labels = pd.Categorical(self.labels).codes.astype(np.int64)
+        fractions = (train_size, validation_size, round(max(0.0, 1.0 - train_size - validation_size), 12))
+        labels = self._training_labels()
         with _run_folder(checkpoint_dir) as out:
-            subsets = {"train": self.train_indices, "validation": self.validation_indices, "test": self.test_indices}
-            self.metrics = fit(self._X, self.train_indices, self.validation_indices, self.model_config, tc, out,
-                               labels=labels, inputs=RunInputs(self.genes, cells, subsets, "adata", split=split),
-                               batch_codes=self._codes)
+            subsets, split, split_path = run_split(out, self.cells, split_file, tc.seed, fractions)
+            order = run_gene_order(out, self.genes, self.source)  # a resumed run: the genes it started with
+            if order is not None:
+                self._X, self.genes = select_genes(self._X, order), self.genes[order]
+            self.train_indices, self.validation_indices, self.test_indices = (
+                subsets[name] for name in ("train", "validation", "test"))
+            inputs = RunInputs(self.genes, self.cells, subsets, self.source, split_file=split_path, split=split)
+            try:
+                self.metrics = fit(self._X, self.train_indices, self.validation_indices, self.model_config, tc,
+                                   out, labels=labels, inputs=inputs, batch_codes=self._codes)
+            except SourceError as err:  # a streamed block that cannot be read or holds no counts: one line
+                raise TrainingError(f"{err}; {provenance.checkpoint_note(out)}") from None
             best = out / BEST if (out / BEST).exists() else out / CHECKPOINT
             self.module.load_state_dict(load_checkpoint(best, "cpu")["model_state"])
-            self.history = pd.read_csv(out / HISTORY, sep="\t")
+            self.history = pd.read_csv(out / HISTORY, sep="\t") if (out / HISTORY).exists() else pd.DataFrame()
         self.train_config = tc.resolved(self._X.shape[0], self.model_config.model)
-        self.device = resolve_device(device)
+        self.device = resolve_device(tc.device)
         self.module.to(self.device).eval()
         self.is_trained = True
-        self._write_results()
+        if self.adata is not None:
+            self._write_results()
         return self
+
+    def _training_labels(self) -> np.ndarray | None:
+        """Label codes for the supervised y-regularisation ablation (the only training that reads labels)."""
+        if self.model_config.y_regularisation != "supervised":
+            return None
+        if self.labels is None:
+            raise DataError(f"{self.source}: y_regularisation 'supervised' needs labels "
+                            f"({'give labels_key' if self.adata is not None else 'obs[label]'})")
+        return pd.Categorical(self.labels).codes.astype(np.int64)
 
     def _write_results(self) -> None:
         """The latent, and a GMVAE's clusters and their probabilities, into the AnnData (documented keys)."""
@@ -201,7 +268,7 @@ class SCVAE:
     def _matrix(self, adata) -> sp.csr_matrix:
         """Counts of `adata` (default: the model's own) in the model's gene order."""
         if adata is None:
-            if self.adata is None:
+            if self._X is None:
                 raise ValueError("this model was loaded without data: pass adata=")
             return self._X
         X = user_data.counts(adata, self.layer)
@@ -369,15 +436,18 @@ class SCVAE:
 
     def get_elbo(self, adata=None, indices=None) -> float:
         """Mean ELBO per cell (a lower bound on log p(x); higher is better), e.g. on ``indices=model.test_indices``."""
-        X = self._matrix(adata)
-        return evaluate_model(self.module, X, self._rows(X, indices), iw_samples=0, device=self.device,
-                              batch_codes=self._batch_codes(adata))["elbo"]
+        return self.evaluate(adata, indices, n_samples=0)["elbo"]
 
     def get_marginal_ll(self, adata=None, indices=None, n_samples: int = 100, seed: int = 0) -> float:
         """Importance-weighted estimate of log p(x) per cell with n_samples draws from q (higher is better)."""
+        return self.evaluate(adata, indices, n_samples=n_samples, seed=seed)["iw_log_lik"]
+
+    def evaluate(self, adata=None, indices=None, n_samples: int = IW_SAMPLES, seed: int = 0) -> dict[str, float]:
+        """The mean ELBO and its terms per cell (``elbo``, ``log_lik``, ``kl_z``, ``kl_y``) and, with n_samples
+        > 0, the importance-weighted log p(x) (``iw_log_lik``) in one pass; seeded."""
         X = self._matrix(adata)
         return evaluate_model(self.module, X, self._rows(X, indices), iw_samples=n_samples, seed=seed,
-                              device=self.device, batch_codes=self._batch_codes(adata))["iw_log_lik"]
+                              device=self.device, batch_codes=self._batch_codes(adata))
 
     # ---- save and load ------------------------------------------------------------------------------------
 
@@ -417,24 +487,18 @@ class SCVAE:
 
             adata = anndata.read_h5ad(folder / "adata.h5ad")
         state = load_checkpoint(folder / WEIGHTS, "cpu")
-        cfg = ModelConfig.from_dict(state["model_config"])
-        self = cls.__new__(cls)
+        module = build_model(ModelConfig.from_dict(state["model_config"]))
+        module.load_state_dict(state["model_state"])
+        self = cls._of_module(module, resolve_device(device), settings["genes"])
         self.layer, self.labels_key = settings["layer"], settings["labels_key"]
         self.batch_key = settings.get("batch_key")
-        self.genes = np.asarray(settings["genes"], dtype=str)
-        self.model_config = cfg
-        self.module = build_model(cfg)
-        self.module.load_state_dict(state["model_state"])
-        self.device = resolve_device(device)
-        self.module.to(self.device).eval()
         tc = settings.get("train_config")
         self.train_config = None if tc is None else TrainConfig.from_dict(tc)
         self.history = pd.read_csv(folder / HISTORY, sep="\t") if (folder / HISTORY).stat().st_size > 1 \
             else pd.DataFrame()
-        self.metrics, self.is_trained = {}, bool(settings.get("is_trained", True))
-        self.train_indices = self.validation_indices = self.test_indices = np.arange(0)
-        self.adata, self._X, self.labels, self._codes = None, None, None, None
+        self.is_trained = bool(settings.get("is_trained", True))
         if adata is not None:
+            self.cells = np.asarray(adata.obs_names, dtype=str)
             self._X = self._matrix(adata)
             self._codes = self._batch_codes(adata)
             self.adata = adata

@@ -341,7 +341,7 @@ def check_canonical_file(data_name: str) -> None:
 # ---- a training's inputs, settled under the folder's lock ------------------------------------------
 
 class RunInputs:
-    """What train_dataset hands to fit so that the run records it: the data's genes (in the model's column
+    """What SCVAE.train hands to fit so that the run records it: the data's genes (in the model's column
     order) and cell ids, the split as row indices, and the split file to keep as run_dir/split.tsv at a fresh
     start (None: write `split` there, a split made in memory)."""
 

@@ -350,66 +350,48 @@ def _add_sums(partial: dict, sums: torch.Tensor | None, epoch: int, out: Path) -
     return {**partial, **{k: partial.get(k, 0.0) + v for k, v in zip(TERMS, values)}}
 
 
-def train_dataset(data_path: str, out_dir: str, model_config: dict, train_config: TrainConfig,
-                  split_path: str | None = None, batch: bool = False) -> dict:
-    """Train (or resume) on a canonical h5ad; without a split file, a seeded default split is saved in out_dir.
-
-    batch: condition the model on the file's obs['batch'] (a conditional VAE; its categories, sorted, are
-    stored in the model's configuration and so in every checkpoint).
-
-    A resumed run must get the genes (reordered by name when only their order differs) and the split it
-    started with (provenance.RECORD); nothing is written before the data, split and settings are checked.
-    """
-    from . import data
-
+def open_counts(data_path: str, stream: str, stream_above_gb: float, device: str | torch.device
+                ) -> tuple[sp.csr_matrix | StreamSource, np.ndarray, np.ndarray | None, np.ndarray]:
+    """The counts of a canonical h5ad, held compactly in memory or streamed from the file (`streams`), with its
+    cell ids (checked unique), obs['label'] (or None) and gene names; problems are one-line errors naming it."""
     provenance.check_canonical_file(data_path)
-    if streams(data_path, train_config):  # X stays in the file; only the cell ids and labels are read
-        try:
-            cells, cell_labels, genes = read_annotations(data_path)
-            X = StreamSource(data_path, resolve_device(train_config.device))
+    if streams(data_path, TrainConfig(stream=stream, stream_above_gb=stream_above_gb)):
+        try:  # X stays in the file; only the cell ids and labels are read
+            cells, labels, genes = read_annotations(data_path)
+            X = StreamSource(data_path, resolve_device(device) if isinstance(device, str) else device)
         except SourceError as err:
             raise TrainingError(str(err)) from None
     else:
-        X, cells, cell_labels, genes = load_counts(data_path)  # whole counts never held as float32 (peak memory)
+        X, cells, labels, genes = load_counts(data_path)  # whole counts never held as float32 (peak memory)
     try:
         provenance.check_cell_ids(data_path, cells)
-        out = Path(out_dir)
-        saved = out / "split.tsv"
-        split = None
-        if split_path is None and not saved.exists():
-            split = data.make_split(cells, seed=train_config.seed)
-            subsets = {name: np.flatnonzero(split.to_numpy() == name) for name in data.SUBSETS}
-        else:
-            subsets = data.read_split(str(split_path or saved), cells)
-        record = provenance.read_record(out) if (out / CHECKPOINT).exists() else None
-        if record is not None:  # resuming: the genes and split the run started with
-            order = provenance.check_genes(record["genes"], genes, data_path, provenance.run_description(out))
-            if order is not None:  # the split is checked against the record by fit (provenance.settle_run)
-                X, genes = select_genes(X, order), genes[order]
-        labels = None
-        if model_config.get("y_regularisation") == "supervised":
-            if cell_labels is None:
-                raise TrainingError(f"{data_path}: y_regularisation 'supervised' needs labels (obs['label'])")
-            labels = pd.Categorical(cell_labels).codes.astype(np.int64)
-        codes = None
-        if batch:
-            try:
-                names = read_batches(data_path)
-            except SourceError as err:
-                raise TrainingError(str(err)) from None
-            categories = sorted(set(names.tolist()))
-            model_config = {**model_config, "batches": categories}
-            codes = np.searchsorted(np.asarray(categories), names).astype(np.int64)
-        inputs = provenance.RunInputs(genes, cells, subsets, data_path, split_file=split_path or str(saved),
-                                      split=split)
-        try:
-            return fit(X, subsets["train"], subsets["validation"], model_config, train_config, out, labels=labels,
-                       inputs=inputs, batch_codes=codes)
-        except SourceError as err:  # a streamed block that cannot be read or holds no counts: one line
-            raise TrainingError(f"{err}; {provenance.checkpoint_note(out)}") from None
-    finally:
+    except Exception:
         if isinstance(X, StreamSource):
             X.close()
+        raise
+    return X, cells, labels, genes
+
+
+def run_split(out: Path, cells: np.ndarray, split_path: str | None, seed: int,
+              fractions: tuple[float, float, float]) -> tuple[dict[str, np.ndarray], pd.Series | None, str]:
+    """The split of a run in `out`: from split_path, else the one saved in out (a resumed run), else a new seeded
+    one of `fractions` (returned too, to be saved when the run starts); with the file the run records."""
+    from . import data
+
+    saved = out / "split.tsv"
+    if split_path is None and not saved.exists():
+        split = data.make_split(cells, fractions=fractions, seed=seed)
+        return {name: np.flatnonzero(split.to_numpy() == name) for name in data.SUBSETS}, split, str(saved)
+    return data.read_split(str(split_path or saved), cells), None, str(split_path or saved)
+
+
+def run_gene_order(out: Path, genes: np.ndarray, data_name: str) -> np.ndarray | None:
+    """For a run resumed in `out`: the data's columns in the genes' order it started with (None: already so, or a
+    fresh run); other genes are a DataError (provenance.check_genes)."""
+    record = provenance.read_record(out) if (out / CHECKPOINT).exists() else None
+    if record is None:
+        return None
+    return provenance.check_genes(record["genes"], genes, data_name, provenance.run_description(out))
 
 
 def select_genes(X: sp.csr_matrix | Source, order: np.ndarray) -> sp.csr_matrix | Source:

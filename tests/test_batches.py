@@ -16,7 +16,8 @@ import torch
 from scvae_torch import batches, data, training
 from scvae_torch.batches import MemorySource, StreamSource, torch_csr
 from scvae_torch.models import build_model, log_px, tile_rows
-from scvae_torch.training import TrainConfig, TrainingError, fit, load_checkpoint, streams, train_dataset
+from scvae_torch.runs import train_dataset
+from scvae_torch.training import TrainConfig, TrainingError, fit, load_checkpoint, streams
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support:UserWarning")
 FIXTURE = Path(__file__).parent / "data" / "10x" / "scanpy_v3_filtered_feature_bc_matrix.h5"

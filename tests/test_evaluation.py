@@ -98,8 +98,8 @@ def test_streamed_evaluation_equals_in_memory(model_name, tmp_path):
     import scipy.sparse as sp
 
     from scvae_torch import data
-    from scvae_torch.evaluation import evaluate_dataset
-    from scvae_torch.training import TrainConfig, train_dataset
+    from scvae_torch.runs import evaluate_dataset, train_dataset
+    from scvae_torch.training import TrainConfig
 
     rng = np.random.default_rng(1)
     rates = rng.uniform(0.05, 4, size=(3, 30))

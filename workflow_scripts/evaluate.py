@@ -8,7 +8,7 @@ import _common
 _common.start(snakemake, torch_threads=True)
 
 from scvae_torch.data import DataError  # noqa: E402
-from scvae_torch.evaluation import evaluate_dataset  # noqa: E402
+from scvae_torch.runs import evaluate_dataset  # noqa: E402
 from scvae_torch.training import TrainingError  # noqa: E402
 
 try:

@@ -12,7 +12,8 @@ _common.start(snakemake, torch_threads=True)
 from scvae_torch.batches import SourceError, read_annotations  # noqa: E402
 from scvae_torch.data import DataError  # noqa: E402
 from scvae_torch.provenance import RECORD, RESUMABLE_SETTINGS  # noqa: E402
-from scvae_torch.training import TrainConfig, TrainingError, TrainingInterrupted, train_dataset  # noqa: E402
+from scvae_torch.runs import train_dataset  # noqa: E402
+from scvae_torch.training import TrainConfig, TrainingError, TrainingInterrupted  # noqa: E402
 
 # Settings that may change between runs without invalidating a checkpoint (more epochs continue it): the
 # library's own list, so that a resume the library would refuse is started afresh here instead.

@@ -358,7 +358,7 @@ def test_options_that_do_not_apply_are_refused(tmp_path, data, extra, needle):
 def test_the_library_warns_about_options_that_do_not_apply(tmp_path, data, caplog):
     """The pipeline passes one training config to every model: the library trains and logs one line."""
     from scvae_torch.config import TrainConfig
-    from scvae_torch.training import train_dataset
+    from scvae_torch.runs import train_dataset
 
     with caplog.at_level(logging.WARNING, logger="scvae_torch"):
         train_dataset(str(data), str(tmp_path / "run"), {"model": "vae", "likelihood": "poisson", "encoder": [8],
