@@ -23,6 +23,7 @@ include: "rules/evaluate.smk"
 include: "rules/clustering.smk"
 include: "rules/figures.smk"
 include: "rules/benchmark.smk"
+include: "rules/integration.smk"
 
 
 # Run on the submitting host under a cluster profile: downloads need the internet (compute nodes often have
@@ -39,6 +40,8 @@ localrules:
     learning_curves,
     benchmark_table,
     benchmark_figure,
+    integration_table,
+    integration_figure,
 
 
 rule all:

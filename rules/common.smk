@@ -19,7 +19,7 @@ Y_REGULARISATIONS = scvae_torch.config.Y_REGULARISATIONS
 SIMULATE_KEYS = {
     "poisson-check": {"kind", "n_cells", "n_features", "seed"},
     "gmvae-mixture": {"kind", "n_cells", "n_features", "n_clusters", "seed"},
-    "single-cell": {"kind", "n_cells", "n_genes", "n_types", "sparsity", "hard", "seed"},
+    "single-cell": {"kind", "n_cells", "n_genes", "n_types", "sparsity", "hard", "n_batches", "seed"},
 }
 SOURCES = ("simulate", "download", "file")
 ENV = "../envs/scvae-torch.yaml"
@@ -31,7 +31,7 @@ wildcard_constraints:
     likelihood="|".join(LIKELIHOODS),
     arch=r"e\d+(?:-\d+)*_d\d+(?:-\d+)*_l\d+",
     reg="|".join(Y_REGULARISATIONS),
-    group="models|ablation",
+    group="models|ablation|uncorrected",
     run=rf"(?:{'|'.join(MODELS)})-(?:{'|'.join(LIKELIHOODS)})(?:-y(?:{'|'.join(Y_REGULARISATIONS)}))?",
 
 
@@ -114,6 +114,19 @@ def labelled(dataset):
     if "simulate" in spec:
         return spec["simulate"]["kind"] != "poisson-check"
     return "labels" in spec.get("file", {})
+
+
+def has_batch(dataset):
+    """Whether the data set's canonical file has obs['batch']: simulated batches, or a file's or download's column."""
+    spec = config["datasets"][dataset]
+    if "simulate" in spec:
+        return spec["simulate"].get("n_batches", 1) > 1
+    return "batch" in spec.get("file", spec.get("download", {}))
+
+
+def conditioned(dataset):
+    """Whether the data set's models (grid, final, ablation) are conditioned on its batch (correct_batch)."""
+    return has_batch(dataset) and config["datasets"][dataset].get("correct_batch", True)
 
 
 def components(dataset):
@@ -261,6 +274,11 @@ def check_references():
     fig5 = config["figures"].get("figure5")
     if fig5 and not labelled(fig5["dataset"]):
         config_error(f"figures.figure5.dataset: {fig5['dataset']!r} has no labels")
+    check_integration()
+    if config["model"]["dispersion"] == "gene-batch":
+        for dataset in run_datasets():
+            if not conditioned(dataset):
+                config_error(f"model.dispersion: gene-batch needs a batch on every trained data set, not on {dataset!r}")
     if abs(sum(config["split"]["fractions"]) - 1) > 1e-6:
         config_error("split.fractions: must sum to 1")
     for dataset in config["benchmark"]["datasets"]:
@@ -270,6 +288,23 @@ def check_references():
             config_error(f"benchmark.datasets: {dataset!r} has no labels")
 
 
+def check_integration():
+    """Integration data sets: in the grid with the integration model and likelihood, labelled, with a batch."""
+    integ = config["integration"]
+    for dataset in integ["datasets"]:
+        where = f"integration.datasets: {dataset!r}"
+        if dataset not in config["datasets"]:
+            config_error(f"{where}: no data set of that name under datasets")
+        if (dataset, integ["model"], integ["likelihood"]) not in grid_runs():
+            config_error(f"{where}: needs a grid run of {integ['model']}-{integ['likelihood']} on it "
+                         "(gridsearch.datasets, models and likelihoods)")
+        if not labelled(dataset):
+            config_error(f"{where}: has no labels")
+        if not conditioned(dataset):
+            config_error(f"{where}: has no batch to correct (file/download batch, simulate n_batches >= 2, "
+                         "correct_batch true)")
+
+
 check_datasets()
 check_references()
 
@@ -277,9 +312,25 @@ check_references()
 # ---- per-run settings (passed to workflow_scripts/train.py as params) ------------------------------
 
 
-def model_config(dataset, model, likelihood, arch, **overrides):
-    """The library's model_config for one run: shared model options + architecture + data set's K."""
+def integration_runs():
+    """(dataset, model, likelihood) scored by the integration table: the final run, and the same without batch."""
+    integ = config["integration"]
+    return [(d, integ["model"], integ["likelihood"]) for d in integ["datasets"]]
+
+
+def integration_run():
+    """The run folder name of the integration model, e.g. gmvae-nb."""
+    return f"{config['integration']['model']}-{config['integration']['likelihood']}"
+
+
+def model_config(dataset, model, likelihood, arch, batch=None, **overrides):
+    """The library's model_config for one run: shared model options + architecture + data set's K. Without a
+    batch covariate (batch False; None: whether the data set is conditioned) the options that need one are off."""
     cfg = dict(config["model"])
+    if not (conditioned(dataset) if batch is None else batch):
+        cfg["batch_encoder"] = False
+        if cfg["dispersion"] == "gene-batch":  # the run without the covariate of the integration table
+            cfg["dispersion"] = "gene"
     cfg.update(parse_arch(arch))
     cfg.update(model=model, likelihood=likelihood, components=components(dataset), **overrides)
     return canonical(cfg)
@@ -328,13 +379,16 @@ def final_inputs(wildcards):
     return inputs
 
 
-def final_params(wildcards):
-    """model_config and TrainConfig fields of a final run."""
+def final_params(wildcards, batch=None):
+    """model_config, TrainConfig fields and batch switch of a final run (batch=False: the integration run
+    without the covariate)."""
     key = (wildcards.dataset, wildcards.model, wildcards.likelihood)
     overrides = fixed_runs().get(key, {}).get("training", {})
+    batch = conditioned(wildcards.dataset) if batch is None else batch
     return {
-        "model": model_config(*key, final_arch(wildcards)),
+        "model": model_config(*key, final_arch(wildcards), batch=batch),
         "training": train_config(**overrides),
+        "batch": batch,
     }
 
 
@@ -393,6 +447,8 @@ def all_targets():
     targets += [f for key, name in names.items() if config["figures"].get(key) for f in figure(name)]
     if config["benchmark"]["datasets"]:
         targets += ["results/tables/benchmark.tsv", "results/tables/benchmark.md", *figure("benchmark")]
+    if integration_runs():
+        targets += ["results/tables/integration.tsv", "results/tables/integration.md", *figure("integration")]
     return targets
 
 
@@ -404,7 +460,7 @@ def ablation_params(wildcards):
         wildcards.dataset, "gmvae", wildcards.likelihood, arch, y_regularisation=wildcards.reg
     )
     training = train_config(epochs=fig5["epochs"], lr=fig5["lr"], pretrain_epochs=fig5["pretrain_epochs"])
-    return {"model": model, "training": training}
+    return {"model": model, "training": training, "batch": conditioned(wildcards.dataset)}
 
 
 def figure_run(figure, run):

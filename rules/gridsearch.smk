@@ -14,6 +14,7 @@ rule train_grid:
     params:
         model=lambda wc: model_config(wc.dataset, wc.model, wc.likelihood, wc.arch),
         training=lambda wc: train_config(epochs=config["gridsearch"]["epochs"]),
+        batch=lambda wc: conditioned(wc.dataset),
     threads: resource("gridsearch", "threads")
     resources:
         runtime=resource("gridsearch", "runtime"),

@@ -1,5 +1,6 @@
 # Final training: one job per (data set, model, likelihood) with the grid winner (or, for the Figure 2
 # check data, the architecture in figures.figure2), and the Figure 5 GMVAE y-regularisation ablation.
+# train_uncorrected trains a final model of the integration table once more without its data set's batch.
 # Re-run after a kill, the job resumes from checkpoint.pt in its folder (kept: only metrics.json, written
 # last, is a declared output); a changed architecture or optimiser setting starts the run afresh.
 
@@ -12,6 +13,7 @@ rule train_final:
     params:
         model=lambda wc: final_params(wc)["model"],
         training=lambda wc: final_params(wc)["training"],
+        batch=lambda wc: final_params(wc)["batch"],
     threads: resource("training", "threads")
     resources:
         runtime=resource("training", "runtime"),
@@ -36,6 +38,7 @@ rule train_ablation:
     params:
         model=lambda wc: ablation_params(wc)["model"],
         training=lambda wc: ablation_params(wc)["training"],
+        batch=lambda wc: ablation_params(wc)["batch"],
     threads: resource("training", "threads")
     resources:
         runtime=resource("training", "runtime"),
@@ -45,6 +48,30 @@ rule train_ablation:
         "results/logs/ablation/{dataset}/gmvae-{likelihood}-y{reg}.log",
     benchmark:
         "results/benchmarks/ablation/{dataset}/gmvae-{likelihood}-y{reg}.tsv"
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/train.py"
+
+
+rule train_uncorrected:
+    input:
+        unpack(final_inputs),
+    output:
+        "results/uncorrected/{dataset}/{model}-{likelihood}/metrics.json",
+    params:
+        model=lambda wc: final_params(wc, batch=False)["model"],
+        training=lambda wc: final_params(wc, batch=False)["training"],
+        batch=False,
+    threads: resource("training", "threads")
+    resources:
+        runtime=resource("training", "runtime"),
+        mem_mb=resource("training", "mem_mb"),
+        gpu=resource("training", "gpu"),
+    log:
+        "results/logs/uncorrected/{dataset}/{model}-{likelihood}.log",
+    benchmark:
+        "results/benchmarks/uncorrected/{dataset}/{model}-{likelihood}.tsv"
     conda:
         ENV
     script:

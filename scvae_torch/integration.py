@@ -119,3 +119,59 @@ def log_pca(X, n_pcs: int = 30, seed: int = 0) -> np.ndarray:
     logged.data = np.log1p(logged.data)
     n_pcs = max(1, min(n_pcs, min(logged.shape) - 1))
     return PCA(n_components=n_pcs, random_state=seed).fit_transform(logged.toarray())
+
+
+def compare(latents: dict[str, str], data_path: str, n_pcs: int = 30, neighbours: int = 30, seed: int = 0):
+    """Score trained models' latents and the PCA baseline on one data set (all its cells); the pipeline's
+    integration table.
+
+    Parameters
+    ----------
+    latents
+        {method: latent.h5ad of an evaluated run} (obsm 'X_scvae'; a GMVAE's own clusters in obs
+        'scvae_cluster', else k-means with as many clusters as cell types).
+    data_path
+        The canonical counts.h5ad with obs 'label' and 'batch'; its log-normalised counts give the method
+        'pca' (`log_pca` with n_pcs components, then k-means).
+
+    Returns
+    -------
+    (scores, embeddings): a DataFrame with one row per method (method; clusters: gmvae or kmeans; cell_types;
+    cells; SCORES), and an AnnData of the cells with obs 'label' and 'batch', each method's embedding in
+    obsm[method] and the methods in order in uns['methods'].
+    """
+    import anndata as ad
+    import pandas as pd
+
+    from .batches import SourceError, read_batches
+    from .io.canonical import load_canonical
+    from .io.validation import DataError
+
+    counts = load_canonical(data_path)
+    if counts.labels is None:
+        raise DataError(f"{data_path}: no obs['label'] column; integration scores need the cell types")
+    try:
+        batch = read_batches(data_path)
+    except SourceError as err:
+        raise DataError(str(err)) from None
+    labels = np.asarray(counts.labels).astype(str)
+    cells = np.asarray(counts.cells, dtype=str)
+    k = len(np.unique(labels))
+    found: dict[str, tuple[np.ndarray, np.ndarray | None, str]] = {}
+    for method, path in latents.items():
+        latent = ad.read_h5ad(path)
+        if not np.array_equal(latent.obs_names.to_numpy(dtype=str), cells):
+            raise DataError(f"{path}: its cells differ from those of {data_path}")
+        own = latent.obs["scvae_cluster"].to_numpy() if "scvae_cluster" in latent.obs else None
+        found[method] = (np.asarray(latent.obsm["X_scvae"], dtype=np.float64), own, "gmvae" if own is not None
+                         else "kmeans")
+    found["pca"] = (log_pca(counts.X, n_pcs, seed), None, "kmeans")
+    rows = []
+    embeddings = ad.AnnData(obs=pd.DataFrame({"label": pd.Categorical(labels), "batch": pd.Categorical(batch)},
+                                             index=pd.Index(cells)))
+    for method, (Z, clusters, how) in found.items():
+        scores = integration_scores(Z, labels, batch, clusters, k=neighbours, seed=seed)
+        rows.append({"method": method, "clusters": how, "cell_types": k, "cells": len(cells), **scores})
+        embeddings.obsm[method] = Z
+    embeddings.uns["methods"] = list(found)
+    return pd.DataFrame(rows, columns=["method", "clusters", "cell_types", "cells", *SCORES]), embeddings

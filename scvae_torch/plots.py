@@ -235,6 +235,32 @@ def latent_space(latents: dict[str, str], assignments: str, png: str, pdf: str |
     return fig
 
 
+def integration(embeddings: dict[str, str], png: str, pdf: str | None = None) -> Figure:
+    """Batch correction per data set: PCA of each method's embedding, coloured by batch and by cell type.
+
+    embeddings maps each data set to the embeddings.h5ad of its integration scores
+    (`scvae_torch.integration.compare`: obs 'batch' and 'label', one obsm entry per method, uns 'methods').
+    One row per (data set, method): batch on the left, cell type on the right.
+    """
+    import anndata as ad
+
+    panels = []
+    for dataset, path in embeddings.items():
+        adata = ad.read_h5ad(path)
+        pick = _subsample(adata.n_obs)
+        for method in adata.uns["methods"]:
+            panels.append((f"{dataset}: {method}", _pca2(adata.obsm[method][pick]),
+                           adata.obs["batch"].to_numpy()[pick], adata.obs["label"].to_numpy()[pick]))
+    fig = Figure(layout="constrained", figsize=(6.4, 3.0 * max(len(panels), 1)))
+    axes = np.asarray(fig.subplots(max(len(panels), 1), 2, squeeze=False))
+    for row, (name, xy, batch, label) in enumerate(panels):
+        _scatter(axes[row, 0], xy, batch, f"{name}: batch")
+        _scatter(axes[row, 1], xy, label, f"{name}: cell type")
+    fig.suptitle("batch correction (PCA of each embedding)")
+    save(fig, png, pdf)
+    return fig
+
+
 def figure5(scores: str, latents: dict[str, str], png: str, pdf: str | None = None) -> Figure:
     """Figure 5: GMVAE y-regularisation ablation - ARI of the clusters and mean q(y|x) per component.
 

@@ -91,7 +91,7 @@ def _instance_at(config: dict, path: tuple):
     ("figures", "figure5"), ("datasets", "sim-sc"), ("datasets", "sim-sc", "simulate"),
     ("datasets", "local", "file"), ("datasets", "web", "download"), ("benchmark",), ("benchmark", "peers"),
     ("benchmark", "peers", "scvi"), ("benchmark", "peers", "scvi", "resources"), ("benchmark", "peers", "scanpy"),
-    ("benchmark", "peers", "scanpy", "resources"),
+    ("benchmark", "peers", "scanpy", "resources"), ("integration",),
 ])
 def test_misspelt_key_is_refused_naming_it(path):
     config = _config_with_every_section()
@@ -109,7 +109,7 @@ def test_misspelt_key_test_covers_every_object_of_the_schema():
                ("figures",), ("figures", "figure2"), ("figures", "figure3"), ("figures", "figure5"),
                ("benchmark",), ("benchmark", "peers"), ("benchmark", "peers", "scvi"),
                ("benchmark", "peers", "scvi", "resources"), ("benchmark", "peers", "scanpy"),
-               ("benchmark", "peers", "scanpy", "resources")}
+               ("benchmark", "peers", "scanpy", "resources"), ("integration",)}
     top = {p for p in object_paths(SCHEMA) if not p or p[0] != "datasets"}
     assert top <= covered, f"objects not covered: {top - covered}"
 
@@ -204,6 +204,12 @@ def test_schema_defaults_outside_model_and_training_equal_the_library():
     assert props["evaluation"]["properties"]["iw_samples"]["default"] == library.IW_SAMPLES
     assert props["training"]["properties"]["stream_above_gb"]["default"] == library.STREAM_ABOVE_GB
     assert SCHEMA["$defs"]["file"]["properties"]["format"]["default"] == library.FORMATS[0] == "auto"
+    integ = props["integration"]["properties"]
+    import inspect
+
+    from scvae_torch.integration import compare
+    assert {k: integ[k]["default"] for k in ("n_pcs", "neighbours", "seed")} == {
+        k: p.default for k, p in inspect.signature(compare).parameters.items() if k in ("n_pcs", "neighbours", "seed")}
     grid = props["gridsearch"]["properties"]
     assert grid["models"]["default"] == list(library.MODELS)
     assert grid["likelihoods"]["default"] == list(library.LIKELIHOODS)
@@ -267,3 +273,18 @@ def test_top_genes_is_a_data_set_key_of_read_files(source):
         assert [tuple(e.absolute_path) for e in errors(config)] == [
             ("datasets", "local" if source == "file" else "web", source, "top_genes")], bad
 
+
+
+def test_batch_keys_of_data_sets():
+    """A file's or download's batch column, simulated batches, the correct_batch switch; nothing else by those names."""
+    config = _config_with_every_section()
+    config["datasets"]["local"]["file"]["batch"] = "plate"
+    config["datasets"]["web"]["download"]["batch"] = "donor"
+    config["datasets"]["sim-sc"]["simulate"]["n_batches"] = 2
+    config["datasets"]["sim-sc"]["correct_batch"] = False
+    assert errors(config) == []
+    for where, key, bad in ((("datasets", "local", "file"), "batch", ""), (("datasets", "sim-sc", "simulate"),
+                            "n_batches", 0), (("datasets", "sim-sc"), "correct_batch", "yes")):
+        broken = copy.deepcopy(config)
+        _instance_at(broken, where)[key] = bad
+        assert [tuple(e.absolute_path) for e in errors(broken)] == [where + (key,)], (where, key)

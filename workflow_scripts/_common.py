@@ -13,7 +13,7 @@ try:
 except ImportError:
     sys.path.insert(0, _ROOT)
 
-from scvae_torch.io.atomic import write_text  # noqa: E402  (once the package can be found)
+from scvae_torch.io.atomic import write_h5ad, write_text  # noqa: E402, F401  (once the package can be found)
 
 
 def start(snakemake, torch_threads: bool = False) -> None:

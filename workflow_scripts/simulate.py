@@ -13,6 +13,8 @@ from scvae_torch import data, simulate  # noqa: E402
 
 spec = dict(snakemake.params.spec)
 kind = spec.pop("kind")
+if "n_batches" in spec:  # the config's name for the simulator's `batches`
+    spec["batches"] = spec.pop("n_batches")
 generate = {"poisson-check": simulate.poisson_check, "gmvae-mixture": simulate.gmvae_mixture,
             "single-cell": simulate.single_cell}[kind]
 try:
@@ -23,7 +25,7 @@ except ValueError as err:  # sizes that do not fit together
 n_cells, n_genes = sim.X.shape
 # the same names as `scvae-torch simulate`
 counts = data.Counts(X=sim.X, genes=np.array([f"gene{j}" for j in range(n_genes)]),
-                     cells=np.array([f"cell{i}" for i in range(n_cells)]), labels=sim.labels)
+                     cells=np.array([f"cell{i}" for i in range(n_cells)]), labels=sim.labels, batch=sim.batch)
 summary = data.summarize(counts)
 _common.write_text(snakemake.output.truth, json.dumps({"kind": kind, **spec, "truth": sim.truth_json()}))
 data.write_canonical(counts, snakemake.output.counts)

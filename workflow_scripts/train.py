@@ -22,7 +22,8 @@ STATE = ("checkpoint.pt", "checkpoint.prev.pt", "best.pt", "history.tsv", "metri
 
 out_dir = Path(snakemake.output[0]).parent
 out_dir.mkdir(parents=True, exist_ok=True)
-spec = {"model": dict(snakemake.params.model), "training": dict(snakemake.params.training)}
+spec = {"model": dict(snakemake.params.model), "training": dict(snakemake.params.training),
+        "batch": bool(snakemake.params.batch)}
 # a new split or other genes (the data set prepared again) also start the run afresh, as other settings do
 try:
     genes = read_annotations(snakemake.input.data)[2]
@@ -36,7 +37,7 @@ spec_path = out_dir / "run_spec.json"
 
 def comparable(s: dict) -> dict:
     return {"model": s["model"], "training": {k: v for k, v in s["training"].items() if k not in RESUMABLE},
-            "inputs": s.get("inputs")}
+            "inputs": s.get("inputs"), "batch": s.get("batch", False)}
 
 
 old = json.loads(spec_path.read_text()) if spec_path.exists() else None
@@ -50,7 +51,8 @@ spec_path.write_text(json.dumps(spec, indent=2) + "\n")
 
 try:
     metrics = train_dataset(snakemake.input.data, str(out_dir), spec["model"],
-                            TrainConfig.from_dict(spec["training"]), split_path=snakemake.input.split)
+                            TrainConfig.from_dict(spec["training"]), split_path=snakemake.input.split,
+                            batch=spec["batch"])
 except (TrainingError, DataError, ValueError) as err:
     print(f"error: {err}")
     sys.exit(1)
