@@ -32,9 +32,7 @@ def init_mixture_prior(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray
 
     model.eval()
     source = open_source(X, device)
-    Z = torch.cat([model.encode_z(source.batch(rows[s:s + 1024]).counts,
-                                  batch_tensor(batch_codes, rows[s:s + 1024], device))[0].mean(1).cpu()
-                   for s in range(0, len(rows), 1024)]).double().numpy()
+    Z, V = _posterior_moments(model, source, rows, device, batch_codes)
     K = model.cfg.components
     best, best_state = -math.inf, None
     for r in range(restarts):
@@ -44,8 +42,8 @@ def init_mixture_prior(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray
         for k in range(K):
             members = Z[labels == k]
             means[k] = members.mean(0) if len(members) else Z.mean(0)
-            if len(members) > 1:
-                logvars[k] = np.log(members.var(0) + 1e-4)
+            if len(members) > 1:  # the members' aggregate posterior: Var(z) = Var(E[z|x]) + E[Var(z|x)]
+                logvars[k] = np.log(members.var(0) + V[labels == k].mean(0) + 1e-4)
         model.prior_mu.copy_(torch.as_tensor(means, dtype=model.prior_mu.dtype))
         model.prior_logvar.copy_(torch.as_tensor(logvars, dtype=model.prior_logvar.dtype))
         if model.cfg.prior_y == "learned":  # the clusters' shares, never below half a cell
@@ -64,6 +62,20 @@ def init_mixture_prior(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
     return best_r
+
+
+def _posterior_moments(model: GMVAE, source, rows: np.ndarray, device: torch.device,
+                       batch_codes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of each cell's pre-trained q(z|x): the uniform mixture over y of q(z|x,y) (pre-training
+    holds q(y|x) uniform), per latent dimension."""
+    means, variances = [], []
+    for s in range(0, len(rows), 1024):
+        mu, logvar = model.encode_z(source.batch(rows[s:s + 1024]).counts,
+                                    batch_tensor(batch_codes, rows[s:s + 1024], device))
+        mu, var = mu.double(), logvar.double().exp()
+        means.append(mu.mean(1).cpu())
+        variances.append((var.mean(1) + mu.var(1, unbiased=False)).cpu())
+    return torch.cat(means).numpy(), torch.cat(variances).numpy()
 
 
 def _fit_y_encoder(model: GMVAE, source, rows: np.ndarray, labels: np.ndarray, device: torch.device, seed: int,

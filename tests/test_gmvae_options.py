@@ -67,3 +67,30 @@ def test_initialisation_restarts_keep_the_one_with_the_best_validation_elbo():
     # the learned p(y) starts at the k-means clusters' shares
     shares = torch.softmax(model.prior_y_logits.detach(), -1).numpy()
     assert shares.min() > 0 and abs(shares.sum() - 1) < 1e-6
+
+
+def test_initial_mixture_components_match_their_cells_aggregate_posterior():
+    """p(z|y=k) after the k-means start has the mean and variance of z drawn from its cells' q(z|x) (law of total
+    variance: the spread of the means plus the mean posterior variance), checked against a Monte-Carlo sample."""
+    X, _ = _mixture(n=400, seed=2)
+    rows = np.arange(X.shape[0])
+    torch.manual_seed(0)
+    model = GMVAE(ModelConfig(n_features=8, model="gmvae", likelihood="poisson", encoder=[16], decoder=[16],
+                              latent=3, components=3)).eval()
+    with torch.no_grad():  # q(z|x) as pre-training left it: the uniform mixture over y of q(z|x,y)
+        mu, logvar = model.encode_z(torch.as_tensor(X.toarray()).to_sparse_csr(), None)
+    init_mixture_prior(model, X, rows, torch.device("cpu"), seed=0)
+    prior_mu, prior_var = model.prior_mu.detach().double(), model.prior_logvar.detach().double().exp()
+    # k-means' fixed point: every cell belongs to its nearest centre, and the centres are the members' means
+    labels = torch.cdist(mu.double().mean(1), prior_mu).argmin(1)
+    gen = torch.Generator().manual_seed(1)
+    draws = 2000
+    y = torch.randint(0, 3, (len(rows), draws), generator=gen)
+    picked_mu = torch.gather(mu.double(), 1, y[..., None].expand(-1, -1, 3))
+    picked_sd = torch.gather((0.5 * logvar.double()).exp(), 1, y[..., None].expand(-1, -1, 3))
+    z = picked_mu + picked_sd * torch.randn(picked_mu.shape, generator=gen, dtype=torch.float64)
+    for k in range(3):
+        members = z[labels == k].reshape(-1, 3)
+        assert len(members) > 50 * draws
+        torch.testing.assert_close(members.mean(0), prior_mu[k], atol=0.02, rtol=0)
+        torch.testing.assert_close(members.var(0), prior_var[k], rtol=0.03, atol=0)
