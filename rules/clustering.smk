@@ -1,5 +1,5 @@
 # Clustering against known labels: the GMVAE's own clusters, k-means on each VAE latent, and k-means on
-# PCA of log1p counts (the classical baseline); ARI and AMI on the test cells.
+# PCA of log-normalised counts (the classical scanpy baseline); ARI and AMI on the test cells.
 
 
 rule cluster:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .evaluation import cluster_scores, kmeans_labels
+from .evaluation import cluster_scores, kmeans_labels, log_normalise
 
 SCORES = ("ari", "ami", "batch_entropy", "batch_asw", "type_asw")
 
@@ -110,13 +110,9 @@ def integration_scores(Z: np.ndarray, labels: np.ndarray, batch: np.ndarray, clu
 
 def log_pca(X, n_pcs: int = 30, seed: int = 0) -> np.ndarray:
     """The classical embedding: the first principal components of log(1 + counts per 10,000)."""
-    import scipy.sparse as sp
     from sklearn.decomposition import PCA
 
-    X = sp.csr_matrix(X, dtype=np.float64)
-    totals = np.asarray(X.sum(1)).ravel()
-    logged = sp.diags(1e4 / np.maximum(totals, 1.0)) @ X
-    logged.data = np.log1p(logged.data)
+    logged = log_normalise(X, dtype=np.float64)
     n_pcs = max(1, min(n_pcs, min(logged.shape) - 1))
     return PCA(n_components=n_pcs, random_state=seed).fit_transform(logged.toarray())
 

@@ -22,17 +22,6 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def log_normalise(X: sp.spmatrix, target_sum: float = 1e4) -> sp.csr_matrix:
-    """log(1 + counts scaled to target_sum per cell): scanpy's normalize_total(target_sum) then log1p.
-
-    Cells without counts stay zero.
-    """
-    X = sp.csr_matrix(X, dtype=np.float32)
-    totals = np.asarray(X.sum(axis=1)).ravel()
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    return (sp.diags(scale.astype(np.float32)) @ X).log1p().tocsr()
-
-
 def scanpy_route(X: sp.spmatrix, k: int, n_pcs: int = 50, seed: int = 0, leiden: bool = True,
                  n_neighbors: int = 15, resolution: float = 1.0) -> dict:
     """The standard scanpy clustering route on raw counts: log-normalise, PCA, k-means (k clusters), Leiden.
@@ -58,7 +47,7 @@ def scanpy_route(X: sp.spmatrix, k: int, n_pcs: int = 50, seed: int = 0, leiden:
         ``kmeans`` (labels per cell), ``leiden`` (labels or None), ``implementation`` ("scanpy" or
         "scikit-learn"), ``n_pcs`` used and ``seconds`` per step.
     """
-    from .evaluation import kmeans_labels
+    from .evaluation import kmeans_labels, log_normalise
 
     n_pcs = max(1, min(n_pcs, min(X.shape) - 1))
     seconds = {}

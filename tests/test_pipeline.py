@@ -149,8 +149,8 @@ def test_clustering_table_scores_every_method(pipeline):
     assert t["ari"].between(-1, 1).all() and t["ami"].between(-1, 1).all()
     assert set(t["dataset"]) == {"sim-sc", "mixture"}  # the labelled data sets
     methods = t.groupby("dataset")["method"].apply(set).to_dict()
-    assert methods["sim-sc"] == {"gmvae_clusters", "kmeans_vae_latent", "kmeans_pca_log1p"}
-    assert methods["mixture"] == {"gmvae_clusters", "kmeans_pca_log1p"}
+    assert methods["sim-sc"] == {"gmvae_clusters", "kmeans_vae_latent", "kmeans_pca_lognorm"}
+    assert methods["mixture"] == {"gmvae_clusters", "kmeans_pca_lognorm"}
     ablation = t[(t["dataset"] == "mixture") & (t["method"] == "gmvae_clusters")].set_index("y_regularisation")
     assert set(ablation.index) == {"none", "kl", "supervised"}
     # the GMVAE (the ELBO's KL term) recovers the k-means labels of the review's mixture data
@@ -169,7 +169,7 @@ def test_clustering_scores_agree_with_assignments(pipeline):
         assert list(assign["cell"].astype(str)) == list(labels.index)
         test = (assign["subset"] == "test").to_numpy()
         for row in t[t["dataset"] == dataset].itertuples():
-            column = "pca_log1p" if row.method == "kmeans_pca_log1p" else row.run
+            column = "pca_lognorm" if row.method == "kmeans_pca_lognorm" else row.run
             ari = adjusted_rand_score(labels.to_numpy()[test], assign[column].to_numpy()[test])
             assert math.isclose(ari, row.ari, abs_tol=1e-9), (dataset, row.run)
 

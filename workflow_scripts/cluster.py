@@ -1,4 +1,4 @@
-"""Rule cluster: GMVAE clusters, k-means on each VAE latent and on PCA of log1p counts, scored on test cells."""
+"""Rule cluster: GMVAE clusters, k-means on each VAE latent and on PCA of log-normalised counts, scored on test cells."""
 
 import anndata as ad
 import numpy as np
@@ -35,8 +35,8 @@ for run, path in zip(p.runs, snakemake.input.latents):
         assign[run] = evaluation.kmeans_labels(np.asarray(latent.obsm["X_scvae"], dtype=np.float64), k, p.seed)
         methods.append((run, "kmeans_vae_latent", run, settings))
 if labels is not None:  # the classical baseline only matters where it can be scored
-    assign["pca_log1p"] = evaluation.pca_kmeans_baseline(counts.X, k, n_pcs=p.n_pcs, seed=p.seed)
-    methods.append(("pca_log1p", "kmeans_pca_log1p", "-", {}))
+    assign["pca_lognorm"] = evaluation.pca_kmeans_baseline(counts.X, k, n_pcs=p.n_pcs, seed=p.seed)
+    methods.append(("pca_lognorm", "kmeans_pca_lognorm", "-", {}))
 
 rows = []
 if labels is not None:
