@@ -1,4 +1,4 @@
-"""Rule cluster: GMVAE clusters, k-means on each VAE latent and on PCA of log-normalised counts, scored on test cells."""
+"""Rule cluster: GMVAE clusters, k-means on each VAE latent and on PCA of log-normalised counts (test cells)."""
 
 import anndata as ad
 import numpy as np
