@@ -10,6 +10,7 @@ resumed run sees exactly the minibatches an uninterrupted one would.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -411,6 +412,17 @@ def load_counts(path: str) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray | None
             return X, cells, labels, genes
     counts = data.load_canonical(path)
     return compact_counts(counts.X), counts.cells, counts.labels, counts.genes
+
+
+@contextlib.contextmanager
+def closed_on_error(X):
+    """Close X (a StreamSource: its file) if the block raises; anything else is left as it is."""
+    try:
+        yield
+    except BaseException:
+        if isinstance(X, StreamSource):
+            X.close()
+        raise
 
 
 def open_source(X: sp.spmatrix | Source, device: torch.device) -> Source:

@@ -123,15 +123,22 @@ class SCVAE:
             self._codes = batch_codes(batch_names, settings["batches"], source)
         else:
             self._codes = None
-        self.adata, self._X, self.cells, self.genes, self.labels, self.source = None, X, cells, genes, labels, source
-        self.model_config = ModelConfig.from_dict({"n_features": len(genes), **settings})
+        cfg = ModelConfig.from_dict({"n_features": len(genes), **settings})
         torch.manual_seed(0)
-        self.module: VAE = build_model(self.model_config).eval()
-        self.device = torch.device("cpu")
+        self._init(build_model(cfg), torch.device("cpu"), genes, X, cells, labels, source,
+                   trained=False)
+
+    def _init(self, module: VAE, device: torch.device, genes: np.ndarray, X, cells: np.ndarray | None,
+              labels: np.ndarray | None, source: str, trained: bool) -> None:
+        """Every attribute but the AnnData keys (layer, labels_key, batch_key) and the batch codes: the module (on
+        `device`, in eval mode), the data it holds (X None: none yet) and an empty training record."""
+        self.adata, self._X, self.cells, self.labels, self.source = None, X, cells, labels, source
+        self.genes, self.model_config, self.device = np.asarray(genes, dtype=str), module.cfg, device
+        self.module: VAE = module.to(device).eval()
         self.train_config: TrainConfig | None = None
         self.history = pd.DataFrame()
         self.metrics: dict = {}
-        self.is_trained = False
+        self.is_trained = trained
         self.train_indices = self.validation_indices = self.test_indices = np.arange(0)
 
     @classmethod
@@ -144,19 +151,18 @@ class SCVAE:
         return self
 
     @classmethod
-    def _of_module(cls, module: VAE, device: torch.device, genes: np.ndarray) -> SCVAE:
-        """A trained model of `module` (on `device`, in eval mode), holding no data yet."""
+    def _of_module(cls, module: VAE, device: torch.device, genes: np.ndarray, X=None, cells: np.ndarray | None = None,
+                   labels: np.ndarray | None = None, codes: np.ndarray | None = None, source: str = "adata") -> SCVAE:
+        """A trained model of `module` (on `device`, in eval mode), with the data given (X in its gene order) or
+        none yet (`load`, `runs.run_model`)."""
         self = cls.__new__(cls)
         self.layer = self.labels_key = self.batch_key = None
-        self.adata, self._X, self.cells, self.labels, self._codes, self.source = None, None, None, None, None, "adata"
-        self.genes, self.model_config, self.device = np.asarray(genes, dtype=str), module.cfg, device
-        self.module = module.to(device).eval()
-        self.train_config, self.history, self.metrics, self.is_trained = None, pd.DataFrame(), {}, True
-        self.train_indices = self.validation_indices = self.test_indices = np.arange(0)
+        self._codes = codes
+        self._init(module, device, genes, X, cells, labels, source, trained=True)
         return self
 
     def close(self) -> None:
-        """Release the file of a model reading its counts from one (`from_file` with streaming)."""
+        """Release the file of a model reading its counts from one (`runs.file_model` with streaming)."""
         if isinstance(self._X, StreamSource):
             self._X.close()
 
@@ -217,6 +223,7 @@ class SCVAE:
             train_config = TrainConfig.from_dict({k: v for k, v in given.items() if v is not None})
         tc = train_config
         validation_size = 1.0 - train_size if validation_size is None else validation_size
+        # rounded: 1 - 0.81 - 0.09 is 0.09999999999999998, and the CLI's split must be data.DEFAULT_FRACTIONS exactly
         fractions = (train_size, validation_size, round(max(0.0, 1.0 - train_size - validation_size), 12))
         labels = self._training_labels()
         with _run_folder(checkpoint_dir) as out:

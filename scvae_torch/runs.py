@@ -11,7 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import provenance
-from .batches import SourceError, StreamSource, batch_codes, open_source, read_batches
+from .batches import SourceError, batch_codes, closed_on_error, open_source, read_batches
 from .config import IW_SAMPLES, TrainConfig
 from .data import DEFAULT_FRACTIONS, read_split
 from .evaluation import cluster_scores, decoded_feature_means, observed_feature_means
@@ -27,7 +27,7 @@ def file_model(data_path: str, batch: bool = False, stream: str = TrainConfig.st
     'auto' above stream_above_gb GiB), read from the file minibatch by minibatch; batch=True conditions it on the
     file's obs['batch']. settings: the model's, as for `SCVAE`. Close it (or use `with`) to release the file."""
     X, cells, labels, genes = open_counts(data_path, stream, stream_above_gb, device)
-    try:
+    with closed_on_error(X):
         names = None
         if batch:
             try:
@@ -35,10 +35,6 @@ def file_model(data_path: str, batch: bool = False, stream: str = TrainConfig.st
             except SourceError as err:
                 raise TrainingError(str(err)) from None
         return SCVAE._of_data(X, cells, genes, labels, names, data_path, settings)
-    except Exception:
-        if isinstance(X, StreamSource):
-            X.close()
-        raise
 
 
 def train_dataset(data_path: str, out_dir: str, model_config: dict, train_config: TrainConfig,
@@ -50,9 +46,8 @@ def train_dataset(data_path: str, out_dir: str, model_config: dict, train_config
     configuration and so in every checkpoint). A resumed run must get the genes (reordered by name when only
     their order differs) and the split it started with; nothing is written before they are checked.
     """
-    with file_model(data_path, batch=batch, stream=train_config.stream,
-                         stream_above_gb=train_config.stream_above_gb, device=train_config.device,
-                         **model_config) as model:
+    with file_model(data_path, batch=batch, stream=train_config.stream, stream_above_gb=train_config.stream_above_gb,
+                    device=train_config.device, **model_config) as model:
         model.train(train_config=train_config, checkpoint_dir=out_dir, split_file=split_path,
                     train_size=DEFAULT_FRACTIONS[0], validation_size=DEFAULT_FRACTIONS[1])
     return model.metrics
@@ -86,18 +81,15 @@ def run_model(run_dir: str | Path, data_path: str, device: str = "auto", stream:
     module = load_model(run_dir, dev)  # first: a damaged or unsafe model file is named as such
     provenance.check_evaluable(run_dir)  # not locked by a training, checkpointed, trained
     X, cells, labels, genes = open_counts(data_path, stream, stream_above_gb, dev)
-    model = SCVAE._of_module(module, dev, genes)
-    model._X, model.cells, model.labels, model.source = X, cells, labels, data_path
-    try:
+    with closed_on_error(X):
         order = provenance.align_genes(run_dir, genes, data_path)  # the model's gene order, by name
-        model._X = open_source(X if order is None else select_genes(X, order), dev)  # once, for every pass
-        model.genes = genes if order is None else genes[order]
+        if order is not None:
+            X, genes = select_genes(X, order), genes[order]
+        codes = None
         if module.cfg.n_batches:  # names -> the codes the model was trained with; an unseen batch is refused
-            model._codes = batch_codes(read_batches(data_path), module.cfg.batches, f"{data_path}: obs['batch']")
-    except Exception:
-        model.close()
-        raise
-    return model
+            codes = batch_codes(read_batches(data_path), module.cfg.batches, f"{data_path}: obs['batch']")
+    return SCVAE._of_module(module, dev, genes, X=open_source(X, dev), cells=cells, labels=labels, codes=codes,
+                            source=data_path)  # opened once, for every pass
 
 
 def _evaluate(model: SCVAE, model_dir: str, metrics_path: str, latent_path: str, split_path: str | None,

@@ -22,6 +22,7 @@ from .batches import (  # noqa: F401
     SourceError,
     StreamSource,
     batch_tensor,
+    closed_on_error,
     csr_nbytes,
     epoch_permutation,
     load_counts,
@@ -363,12 +364,8 @@ def open_counts(data_path: str, stream: str, stream_above_gb: float, device: str
             raise TrainingError(str(err)) from None
     else:
         X, cells, labels, genes = load_counts(data_path)  # whole counts never held as float32 (peak memory)
-    try:
+    with closed_on_error(X):
         provenance.check_cell_ids(data_path, cells)
-    except Exception:
-        if isinstance(X, StreamSource):
-            X.close()
-        raise
     return X, cells, labels, genes
 
 
