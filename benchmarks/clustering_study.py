@@ -14,8 +14,10 @@ Nothing here looks at the labels but the scores: initialisations are chosen by v
 
 Variants: a model (vae | gmvae) and options joined by "+":
   lib       library_size=True: decoded mean = observed library size x softmax over genes (scVI's scaling)
+  norm      normalise_input=True: the encoders see log1p of counts per 10,000
   learned   prior_y="learned": mixture weights p(y) learned (scVAE's "learn")
   rN        init_restarts=N: N k-means initialisations of p(z|y), the best validation ELBO kept
+  mrN       mixture_restarts=N: restarts of the trained mixture from k-means of its latent (0: none)
   latN      latent size N
   preN      pretrain_epochs=N: N epochs of VAE pre-training before the mixture prior is set
   defaults  nothing changed (the library's defaults, whatever they are)
@@ -64,6 +66,8 @@ def options(variant: str) -> tuple[str, dict, dict]:
             model_opts["library_size"] = True
         elif part == "nolib":
             model_opts["library_size"] = False
+        elif part == "norm":
+            model_opts["normalise_input"] = True
         elif part == "learned":
             model_opts["prior_y"] = "learned"
         elif part == "uniform":
@@ -74,6 +78,8 @@ def options(variant: str) -> tuple[str, dict, dict]:
             model_opts["latent"] = int(part[3:])
         elif part.startswith("pre") and part[3:].isdigit():
             train_opts["pretrain_epochs"] = int(part[3:])
+        elif part.startswith("mr") and part[2:].isdigit():
+            train_opts["mixture_restarts"] = int(part[2:])
         elif part.startswith("r") and part[1:].isdigit():
             train_opts["init_restarts"] = int(part[1:])
         elif part != "defaults":

@@ -104,6 +104,17 @@ def stop_signals() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
+def restarted_at(restarts: list[dict]) -> int:
+    """The epoch of the last mixture restart (0: none)."""
+    return max([r["epoch"] for r in restarts if r["restarted"]], default=0)
+
+
+def restart_epochs(tc: TrainConfig) -> int:
+    """Epochs kept for a restarted mixture to train: twice the early-stopping patience, at most half the epochs
+    after pre-training. The last mixture check is this many epochs before the end."""
+    return max(1, min(2 * tc.patience, (tc.epochs - (tc.pretrain_epochs or 0)) // 2))
+
+
 def _rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -120,7 +131,9 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 def _resume_state(out: Path, cfg: ModelConfig, model: VAE, optimiser: torch.optim.Optimizer,
                   device: torch.device, tc: TrainConfig | None = None) -> dict:
     """Restore model, optimiser and RNG from out/checkpoint.pt (if damaged, checkpoint.prev.pt); else a fresh state."""
-    fresh = {"epoch": 0, "batch": 0, "partial": {}, "history": [], "best_val_elbo": -math.inf, "best_epoch": 0}
+    fresh = {"epoch": 0, "batch": 0, "partial": {}, "history": [], "best_val_elbo": -math.inf, "best_epoch": 0,
+             "restarts": []}
+    optional = {"restarts"}  # fields a checkpoint older than them lacks
     for stale in out.glob(".*.tmp[0-9]*"):  # temporary files of a killed run (we hold the folder's lock)
         stale.unlink(missing_ok=True)
     path = out / CHECKPOINT
@@ -130,7 +143,7 @@ def _resume_state(out: Path, cfg: ModelConfig, model: VAE, optimiser: torch.opti
     for path in (out / CHECKPOINT, out / PREVIOUS):
         try:
             state = load_checkpoint(path, device)
-            missing = sorted({*fresh, "optimizer_state", "rng"} - set(state))
+            missing = sorted({*fresh, "optimizer_state", "rng"} - optional - set(state))
             if missing:
                 raise TrainingError(f"{path}: not a resumable checkpoint (no {', '.join(missing)})")
             break
@@ -156,12 +169,12 @@ def _resume_state(out: Path, cfg: ModelConfig, model: VAE, optimiser: torch.opti
     model.load_state_dict(state["model_state"])
     optimiser.load_state_dict(state["optimizer_state"])
     _set_rng_state(state["rng"], device)
-    return {k: state[k] for k in fresh}
+    return {k: state.get(k, fresh[k]) for k in fresh}
 
 
 def _save(out: Path, model: VAE, optimiser: torch.optim.Optimizer, cfg: ModelConfig, tc: TrainConfig,
           epoch: int, batch: int, partial: dict, history: list[dict], best_val: float, best_epoch: int,
-          device: torch.device) -> Path:
+          device: torch.device, restarts: list[dict] | None = None) -> Path:
     """Write the resumable checkpoint atomically, keeping the one before as checkpoint.prev.pt; returns its path.
 
     At every moment checkpoint.pt is a complete file (the old or the new one); a failed write (full disk)
@@ -173,6 +186,7 @@ def _save(out: Path, model: VAE, optimiser: torch.optim.Optimizer, cfg: ModelCon
         "model_state": model.state_dict(), "optimizer_state": optimiser.state_dict(),
         "epoch": epoch, "batch": batch, "partial": dict(partial), "history": list(history),
         "best_val_elbo": best_val, "best_epoch": best_epoch, "rng": _rng_state(device),
+        "restarts": list(restarts or []),
     }
 
     def rotate() -> None:

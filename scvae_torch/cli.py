@@ -298,6 +298,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="feed the raw counts to the encoders instead of log(1+x)")
     p.add_argument("--log1p-input", dest="log1p_input", action="store_true",
                    help="feed log(1+x) to the encoders (the default)")
+    p.add_argument("--normalise-input", action="store_true", default=m.normalise_input,
+                   help="the encoders see the counts per 10,000 (library size removed); measured worse for the "
+                        "GMVAE's clusters (docs/clustering.md)")
     p.add_argument("--library-size", dest="library_size", action="store_true", default=m.library_size,
                    help="decoder mean = the cell's observed library size x softmax over genes (scVI's scaling)")
     p.add_argument("--no-library-size", dest="library_size", action="store_false",
@@ -323,6 +326,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "min(20, epochs / 3)")
     p.add_argument("--init-restarts", type=int, default=t.init_restarts,
                    help="GMVAE: k-means initialisations of p(z|y) after pre-training; the best validation ELBO is kept")
+    p.add_argument("--mixture-restarts", type=int, default=t.mixture_restarts,
+                   help="GMVAE: at early stopping, restart the mixture from k-means of its latent where they disagree "
+                        "(kept only by a better validation ELBO); 0: never")
     p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every, help="epochs between checkpoints")
     p.add_argument("--seed", type=int, default=t.seed, help="random seed (split, initialisation, minibatches)")
     p.add_argument("--device", default=t.device, help=f"{one_of(DEVICES)} (auto: CUDA when available)")
@@ -344,7 +350,8 @@ def _model_train_configs(args: argparse.Namespace) -> tuple[dict, object]:
     from .config import ModelConfig, TrainConfig
 
     model = {k: getattr(args, k) for k in ("model", "likelihood", "encoder", "decoder", "latent", "components",
-                                           "dispersion", "dropout", "batch_norm", "log1p_input", "library_size",
+                                           "dispersion", "dropout", "batch_norm", "log1p_input", "normalise_input",
+                                           "library_size",
                                            "y_regularisation", "prior_y", "free_nats", "batch_encoder")}
     if args.batch_encoder and not args.batch:
         raise UsageError("--batch-encoder needs --batch")
@@ -355,6 +362,7 @@ def _model_train_configs(args: argparse.Namespace) -> tuple[dict, object]:
                             weight_decay=args.weight_decay, kl_warmup=args.kl_warmup, seed=args.seed,
                             device=args.device, checkpoint_every=args.checkpoint_every,
                             pretrain_epochs=args.pretrain_epochs, init_restarts=args.init_restarts,
+                            mixture_restarts=args.mixture_restarts,
                             early_stopping=args.early_stopping,
                             patience=args.patience, threads=args.threads, precision=args.precision,
                             compile=args.compile, stream=args.stream, stream_above_gb=args.stream_above_gb)

@@ -53,6 +53,7 @@ class ModelConfig:
     dropout: float = 0.0
     batch_norm: bool = True
     log1p_input: bool = True
+    normalise_input: bool = False  # encoders see the counts per 10,000 (library size removed) instead of the counts
     library_size: bool = True  # decoded mean = observed library size x softmax (docs/clustering.md)
     y_regularisation: str = "kl"
     prior_y: str = "learned"  # GMVAE mixture weights p(y): learned, or uniform (scVAE's default)
@@ -115,6 +116,7 @@ class TrainConfig:
     checkpoint_every: int = 10  # epochs
     pretrain_epochs: int | None = None  # GMVAE: epochs as a plain VAE before p(z|y) is set by k-means (None: auto)
     init_restarts: int = 1      # GMVAE: k-means initialisations of p(z|y) tried; the best validation ELBO is kept
+    mixture_restarts: int = 1   # GMVAE: restarts of the trained mixture from k-means of its latent (docs/clustering.md)
     early_stopping: bool = True  # stop when the validation ELBO has not improved for `patience` epochs
     patience: int = 30          # epochs without a better validation ELBO before early stopping
     iw_samples: int = 0         # importance samples for the validation log-likelihood each epoch (0 = off)
@@ -136,6 +138,7 @@ class TrainConfig:
             (self.pretrain_epochs is None or self.pretrain_epochs >= 0,
              f"pretrain_epochs must be >= 0, got {self.pretrain_epochs}"),
             (self.init_restarts >= 1, f"init_restarts must be >= 1, got {self.init_restarts}"),
+            (self.mixture_restarts >= 0, f"mixture_restarts must be >= 0, got {self.mixture_restarts}"),
             (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
             (self.precision in PRECISIONS, f"precision must be float32 or bfloat16, got {self.precision!r}"),

@@ -17,6 +17,7 @@ from .models import GMVAE
 log = logging.getLogger("scvae_torch.training")
 
 Y_ENCODER_EPOCHS = 5  # epochs of cross-entropy that start q(y|x) at the k-means clusters
+RESTART_AGREEMENT = 0.98  # restart_mixture: ARI between k-means of the latent and argmax q(y|x) taken as agreeing
 
 @torch.no_grad()
 def init_mixture_prior(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray, device: torch.device,
@@ -37,22 +38,7 @@ def init_mixture_prior(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray
     best, best_state = -math.inf, None
     for r in range(restarts):
         labels = KMeans(n_clusters=K, n_init=10, random_state=seed + r).fit_predict(Z)
-        means, logvars = np.zeros((K, Z.shape[1])), np.zeros((K, Z.shape[1]))
-        sizes = np.bincount(labels, minlength=K)
-        for k in range(K):
-            members = Z[labels == k]
-            means[k] = members.mean(0) if len(members) else Z.mean(0)
-            if len(members) > 1:  # the members' aggregate posterior: Var(z) = Var(E[z|x]) + E[Var(z|x)]
-                logvars[k] = np.log(members.var(0) + V[labels == k].mean(0) + 1e-4)
-        model.prior_mu.copy_(torch.as_tensor(means, dtype=model.prior_mu.dtype))
-        model.prior_logvar.copy_(torch.as_tensor(logvars, dtype=model.prior_logvar.dtype))
-        if model.cfg.prior_y == "learned":  # the clusters' shares, never below half a cell
-            model.prior_y_logits.copy_(torch.as_tensor(np.log(np.maximum(sizes, 0.5) / len(Z)),
-                                                       dtype=model.prior_y_logits.dtype))
-        # q(y|x) was held uniform in pre-training, so its network is untrained: left so, the first epochs pull
-        # every q(z|x,y) towards its p(z|y) and the mixture collapses onto a few components (measured in
-        # docs/clustering.md); started at the clusters, q(y|x) keeps them apart
-        _fit_y_encoder(model, source, rows, labels, device, seed + r, Y_ENCODER_EPOCHS, batch_codes)
+        _start_mixture(model, source, rows, labels, Z, V, device, seed + r, batch_codes)
         if restarts == 1 or score is None:
             return 0
         value = score()
@@ -64,17 +50,68 @@ def init_mixture_prior(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray
     return best_r
 
 
+@torch.no_grad()
+def restart_mixture(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray, device: torch.device, seed: int,
+                    batch_codes: np.ndarray | None = None, agreement: float = RESTART_AGREEMENT) -> float:
+    """Restart a trained GMVAE's mixture from k-means of its own latent, where its clusters disagree with it.
+
+    k-means (k = K) of the cells' latent means (mixed over q(y|x)) is compared with argmax q(y|x) by ARI; below
+    `agreement`, p(z|y), a learned p(y) and q(y|x) are set from the k-means clusters as after pre-training
+    (the caller trains on and keeps whichever fits the validation cells better). Returns the ARI.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    model.eval()
+    source = open_source(X, device)
+    Z, V = _posterior_moments(model, source, rows, device, batch_codes, mixed=True)
+    clusters = np.concatenate([
+        model.y_log_probs(source.batch(rows[s:s + 1024]).counts,
+                          batch_tensor(batch_codes, rows[s:s + 1024], device)).argmax(1).cpu().numpy()
+        for s in range(0, len(rows), 1024)])
+    labels = KMeans(n_clusters=model.cfg.components, n_init=10, random_state=seed).fit_predict(Z)
+    ari = float(adjusted_rand_score(clusters, labels))
+    if ari < agreement:
+        _start_mixture(model, source, rows, labels, Z, V, device, seed, batch_codes)
+    return ari
+
+
+def _start_mixture(model: GMVAE, source, rows: np.ndarray, labels: np.ndarray, Z: np.ndarray, V: np.ndarray,
+                   device: torch.device, seed: int, batch_codes: np.ndarray | None) -> None:
+    """Set p(z|y), a learned p(y) and q(y|x) from clusters (labels) of the cells' posterior means Z, variances V."""
+    K = model.cfg.components
+    means, logvars = np.zeros((K, Z.shape[1])), np.zeros((K, Z.shape[1]))
+    sizes = np.bincount(labels, minlength=K)
+    for k in range(K):
+        members = Z[labels == k]
+        means[k] = members.mean(0) if len(members) else Z.mean(0)
+        if len(members) > 1:  # the members' aggregate posterior: Var(z) = Var(E[z|x]) + E[Var(z|x)]
+            logvars[k] = np.log(members.var(0) + V[labels == k].mean(0) + 1e-4)
+    model.prior_mu.copy_(torch.as_tensor(means, dtype=model.prior_mu.dtype))
+    model.prior_logvar.copy_(torch.as_tensor(logvars, dtype=model.prior_logvar.dtype))
+    if model.cfg.prior_y == "learned":  # the clusters' shares, never below half a cell
+        model.prior_y_logits.copy_(torch.as_tensor(np.log(np.maximum(sizes, 0.5) / len(Z)),
+                                                   dtype=model.prior_y_logits.dtype))
+    # q(y|x) was held uniform in pre-training, so its network is untrained: left so, the first epochs pull
+    # every q(z|x,y) towards its p(z|y) and the mixture collapses onto a few components (measured in
+    # docs/clustering.md); started at the clusters, q(y|x) keeps them apart
+    _fit_y_encoder(model, source, rows, labels, device, seed, Y_ENCODER_EPOCHS, batch_codes)
+
+
 def _posterior_moments(model: GMVAE, source, rows: np.ndarray, device: torch.device,
-                       batch_codes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and variance of each cell's pre-trained q(z|x): the uniform mixture over y of q(z|x,y) (pre-training
-    holds q(y|x) uniform), per latent dimension."""
+                       batch_codes: np.ndarray | None, mixed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of each cell's q(z|x) per latent dimension: the mixture over y of q(z|x,y) with weights
+    q(y|x) (mixed) or uniform (as pre-training holds q(y|x))."""
     means, variances = [], []
     for s in range(0, len(rows), 1024):
-        mu, logvar = model.encode_z(source.batch(rows[s:s + 1024]).counts,
-                                    batch_tensor(batch_codes, rows[s:s + 1024], device))
+        x, b = source.batch(rows[s:s + 1024]).counts, batch_tensor(batch_codes, rows[s:s + 1024], device)
+        mu, logvar = model.encode_z(x, b)
         mu, var = mu.double(), logvar.double().exp()
-        means.append(mu.mean(1).cpu())
-        variances.append((var.mean(1) + mu.var(1, unbiased=False)).cpu())
+        K = mu.shape[1]
+        w = model.responsibilities(x, b).double()[:, :, None] if mixed else torch.full_like(mu[:, :, :1], 1 / K)
+        mean = (w * mu).sum(1)  # law of total variance over the mixture: E[Var(z|y)] + Var(E[z|y])
+        means.append(mean.cpu())
+        variances.append(((w * (var + mu ** 2)).sum(1) - mean ** 2).clamp_min(0).cpu())
     return torch.cat(means).numpy(), torch.cat(variances).numpy()
 
 

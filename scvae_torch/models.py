@@ -159,12 +159,21 @@ def _log_library(x: Tensor) -> Tensor:
     return torch.log(total.clamp_min(1.0))
 
 
-def encoder_input(x: Tensor, log1p: bool) -> Tensor:
-    """The encoders' dense input: x or log(1 + x); a sparse CSR x is densified here, log1p taken of its
-    stored values only (log1p(0) = 0), which costs half of densifying and then taking log1p."""
+NORMALISED_TOTAL = 1e4  # normalise_input: counts per 10,000 (scanpy's normalize_total)
+
+
+def encoder_input(x: Tensor, log1p: bool, normalise: bool = False) -> Tensor:
+    """The encoders' dense input: x or log(1 + x), of the counts or (normalise) of the counts per NORMALISED_TOTAL;
+    a sparse CSR x is densified here, log1p taken of its stored values only (log1p(0) = 0), which costs half of
+    densifying and then taking log1p."""
     if x.layout == torch.strided:
+        if normalise:
+            x = x * (NORMALISED_TOTAL / x.sum(-1, keepdim=True).clamp_min(1.0))
         return torch.log1p(x) if log1p else x
-    _, rows, cols, values = D.sparse_entries(x)
+    offsets, rows, cols, values = D.sparse_entries(x)
+    if normalise:
+        total = torch.segment_reduce(values, "sum", offsets=offsets).clamp_min(1.0)
+        values = values * (NORMALISED_TOTAL / total)[rows]
     dense = torch.zeros(x.shape, dtype=values.dtype, device=values.device)
     # a plain write (no accumulation: the entries of a CSR minibatch are distinct), faster than index_add_
     return dense.index_put_((rows, cols), torch.log1p(values) if log1p else values)
@@ -200,7 +209,8 @@ class VAE(nn.Module):
         """Parameters of p(z): none, it is N(0, I)."""
 
     def _input(self, x: Tensor, batch: Tensor | None = None) -> Tensor:
-        return with_batch(encoder_input(x, self.cfg.log1p_input), batch, self._encoder_batches(self.cfg))
+        return with_batch(encoder_input(x, self.cfg.log1p_input, self.cfg.normalise_input), batch,
+                          self._encoder_batches(self.cfg))
 
     def encode(self, x: Tensor, batch: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Mean and log-variance of q(z|x) (q(z|x,b) when the encoder is conditioned on the batch)."""

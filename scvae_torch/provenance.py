@@ -245,6 +245,8 @@ def inapplicable_options(cfg: ModelConfig, tc: TrainConfig) -> list[str]:
             notes.append(f"prior_y {cfg.prior_y!r} (only a GMVAE has p(y))")
         if tc.init_restarts != TrainConfig().init_restarts:
             notes.append(f"init_restarts {tc.init_restarts} (only a GMVAE's p(z|y) is initialised)")
+        if tc.mixture_restarts != TrainConfig().mixture_restarts:
+            notes.append(f"mixture_restarts {tc.mixture_restarts} (only a GMVAE has a mixture)")
     return notes
 
 

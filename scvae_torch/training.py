@@ -44,13 +44,15 @@ from .checkpoints import (  # noqa: F401
     folder_lock,
     load_checkpoint,
     load_model,
+    restart_epochs,
+    restarted_at,
     stop_signals,
 )
 from .config import ModelConfig, TrainConfig
 from .distributions import wide_dtype
 from .io.atomic import torch_save, write_text
-from .mixture_init import init_mixture_prior  # noqa: F401
-from .models import VAE, build_model
+from .mixture_init import RESTART_AGREEMENT, init_mixture_prior, restart_mixture  # noqa: F401
+from .models import GMVAE, VAE, build_model
 
 log = logging.getLogger("scvae_torch.training")
 
@@ -223,6 +225,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bfloat16")
         epoch, batch0 = state["epoch"], state["batch"]
         history, best_val, best_epoch = state["history"], state["best_val_elbo"], state["best_epoch"]
+        restarts = state["restarts"]  # the trained mixture's restart checks (restart_mixture), in order
         partial, sums = state["partial"], None  # sums: this run's part of the epoch's TERMS sums, on the device
         if epoch or batch0:
             log.info("resuming %s from epoch %d, minibatch %d", out, epoch, batch0)
@@ -230,11 +233,20 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
         log.info("training %s-%s on %s (%s): %d training cells, %d validation cells, %d epochs; data %s; "
                  "%s%s", cfg.model, cfg.likelihood, device, device_name(device), len(train_idx), len(val_idx),
                  tc.epochs, source.description, tc.precision, ", compiled" if compiled else "")
-        bar = tqdm(total=tc.epochs, initial=epoch, desc=f"{cfg.model}-{cfg.likelihood}", unit="epoch",
-                   disable=None)
+        bar = tqdm(total=tc.epochs, initial=epoch, desc=f"{cfg.model}-{cfg.likelihood}",
+                   unit="epoch", disable=None)
         started = time.perf_counter()
         epochs_run = 0
-        while epoch < tc.epochs and not stops_early(tc, epoch, best_epoch, len(val_idx)):
+        while epoch < tc.epochs:
+            stopped = stops_early(tc, epoch, best_epoch, len(val_idx), restarted_at(restarts))
+            if restart_due(model, tc, epoch, best_epoch, restarts, stopped):
+                restarts.append(_restart(model, out, source, train_idx, device, tc, codes, epoch))
+                if restarts[-1]["restarted"]:  # Adam's moments belong to the mixture left behind
+                    optimiser = adam(model, tc)
+                    stopped = False
+                _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device, restarts)
+            if stopped:
+                break
             t0 = time.perf_counter()
             pretraining = model.pretraining(epoch, tc.pretrain_epochs)
             if model.initialise_after_pretraining(epoch, tc.pretrain_epochs) and batch0 == 0:
@@ -272,7 +284,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                 if received:
                     partial, sums = _add_sums(partial, sums, epoch, out), None
                     path = _save(out, model, optimiser, cfg, tc, epoch, b + 1, partial, history, best_val,
-                                 best_epoch, device)
+                                 best_epoch, device, restarts)
                     raise TrainingInterrupted(received[0], path)
             batch0 = 0
             partial, sums = _add_sums(partial, sums, epoch, out), None
@@ -301,24 +313,26 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                      train_terms["elbo"], val_elbo, weight, seconds)
             bar.update(1)
             bar.set_postfix(val_elbo=f"{val_elbo:.4g}")
-            stopping = stops_early(tc, epoch, best_epoch, len(val_idx))
+            stopping = stops_early(tc, epoch, best_epoch, len(val_idx), restarted_at(restarts))
             if stopping:
                 log.info("early stopping after epoch %d: no better validation ELBO for %d epochs; best epoch %d "
                          "(best.pt)", epoch, tc.patience, best_epoch)
             if epoch % tc.checkpoint_every == 0 or epoch == tc.epochs or stopping:
-                _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device)
+                _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device, restarts)
             if received:
-                path = _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device)
+                path = _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device,
+                             restarts)
                 raise TrainingInterrupted(received[0], path)
         bar.close()
         if not (out / CHECKPOINT).exists():
-            _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device)
+            _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device, restarts)
         elapsed = time.perf_counter() - started
         last = history[-1] if history else {}
         metrics = {
             **cfg.to_dict(), **{f"train_{k}": v for k, v in asdict(tc).items()},
             "epochs_trained": epoch, "best_epoch": best_epoch, "best_val_elbo": best_val,
-            "stopped_early": stops_early(tc, epoch, best_epoch, len(val_idx)),
+            "stopped_early": stops_early(tc, epoch, best_epoch, len(val_idx), restarted_at(restarts)),
+            "mixture_restarts": restarts,
             "best_chosen_on": "validation" if len(val_idx) else "train",
             "final": {k: v for k, v in last.items()},
             "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
@@ -331,13 +345,45 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
         return metrics
 
 
-def stops_early(tc: TrainConfig, epoch: int, best_epoch: int, n_validation: int) -> bool:
+def stops_early(tc: TrainConfig, epoch: int, best_epoch: int, n_validation: int, since: int = 0) -> bool:
     """Whether early stopping ends training after `epoch` epochs: the validation ELBO's best is `patience` epochs old.
 
     A function of the saved state only, so a resumed run stops exactly where an uninterrupted one did. Needs
-    validation cells; counts from the first candidate for best.pt (a GMVAE's pre-training is never one).
+    validation cells; counts from the first candidate for best.pt (a GMVAE's pre-training is never one), and
+    from `since` (the epoch of a mixture restart) when that is later.
     """
-    return tc.early_stopping and n_validation > 0 and best_epoch > 0 and epoch - best_epoch >= tc.patience
+    return (tc.early_stopping and n_validation > 0 and best_epoch > 0
+            and epoch - max(best_epoch, since) >= tc.patience)
+
+
+def restart_due(model: VAE, tc: TrainConfig, epoch: int, best_epoch: int, restarts: list[dict],
+                stopped: bool) -> bool:
+    """Whether a GMVAE's mixture is checked against k-means of its latent (and restarted where they disagree) now:
+    at early stopping, or restart_epochs(tc) before the last epoch, whichever comes first; at most
+    tc.mixture_restarts checks, never during pre-training, never twice at one epoch."""
+    return (isinstance(model, GMVAE) and len(restarts) < tc.mixture_restarts and best_epoch > 0
+            and not model.pretraining(epoch - 1, tc.pretrain_epochs) and epoch < tc.epochs
+            and (not restarts or restarts[-1]["epoch"] < epoch)
+            and (stopped or epoch == tc.epochs - restart_epochs(tc)))
+
+
+def _restart(model: VAE, out: Path, source: Source, train_idx: np.ndarray, device: torch.device, tc: TrainConfig,
+             codes: np.ndarray | None, epoch: int) -> dict:
+    """At early stopping: restart best.pt's mixture from k-means of its latent where the two disagree
+    (mixture_init.restart_mixture); training goes on and best.pt changes only if the validation ELBO improves."""
+    last = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(load_checkpoint(out / BEST, device)["model_state"])
+    agreement = restart_mixture(model, source, train_idx, device, tc.seed, codes, agreement=RESTART_AGREEMENT)
+    restarted = agreement < RESTART_AGREEMENT
+    if not restarted:
+        model.load_state_dict(last)  # checkpoint.pt keeps the last epoch's weights
+    if restarted:
+        log.info("epoch %d: the mixture's clusters and k-means of its latent disagree (ARI %.3f): mixture restarted "
+                 "from k-means; training on, best.pt is replaced only by a better validation ELBO", epoch, agreement)
+    else:
+        log.info("epoch %d: the mixture's clusters agree with k-means of its latent (ARI %.3f): no restart",
+                 epoch, agreement)
+    return {"epoch": epoch, "agreement": agreement, "restarted": restarted}
 
 
 def _add_sums(partial: dict, sums: torch.Tensor | None, epoch: int, out: Path) -> dict:

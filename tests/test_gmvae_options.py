@@ -1,15 +1,21 @@
 """The GMVAE's options: learned mixture weights p(y) recover unequal type shares; k-means initialisations of
 p(z|y) are chosen by validation ELBO (never labels). Their ELBO terms: tests/test_models.py, test_evaluation.py."""
 
+import os
+import signal
+
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from scvae_torch.evaluation import responsibilities
+from scvae_torch import training
+from scvae_torch.evaluation import latent_means, responsibilities
+from scvae_torch.mixture_init import restart_mixture
 from scvae_torch.models import GMVAE, ModelConfig
-from scvae_torch.training import TrainConfig, evaluate_terms, fit, init_mixture_prior, load_model
+from scvae_torch.training import TrainConfig, evaluate_terms, fit, init_mixture_prior, load_checkpoint, load_model
 
 SHARES = np.array([0.6, 0.3, 0.1])
 
@@ -94,3 +100,85 @@ def test_initial_mixture_components_match_their_cells_aggregate_posterior():
         assert len(members) > 50 * draws
         torch.testing.assert_close(members.mean(0), prior_mu[k], atol=0.02, rtol=0)
         torch.testing.assert_close(members.var(0), prior_var[k], rtol=0.03, atol=0)
+
+
+def _trained_gmvae(tmp_path, X, **train):
+    rows = np.arange(X.shape[0])
+    cfg = dict(model="gmvae", likelihood="poisson", encoder=[32], decoder=[32], latent=2, components=3,
+               library_size=False)
+    fit(X, rows[:1000], rows[1000:1200], cfg,
+        TrainConfig(**{**dict(epochs=25, lr=1e-2, batch_size=100, seed=0, pretrain_epochs=8), **train}), tmp_path)
+    return load_model(tmp_path), rows
+
+
+def test_a_merged_mixture_is_restarted_at_the_clusters_of_its_latent(tmp_path):
+    """restart_mixture: a mixture whose q(y|x) puts every cell in one component (the merge the restart is for) is
+    restarted so that its clusters follow its latent again; one that agrees with its latent is left as it is."""
+    X, types = _mixture(n=1200, seed=3)
+    model, rows = _trained_gmvae(tmp_path, X)
+    assert adjusted_rand_score(types, responsibilities(model, X, rows).argmax(1)) > 0.95  # the setting works
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert restart_mixture(model, X, rows, torch.device("cpu"), seed=0) >= 0.98
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with torch.no_grad():  # merge: q(y|x) = component 0 for every cell
+        model.y_logits.weight.zero_()
+        model.y_logits.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
+    assert np.all(responsibilities(model, X, rows).argmax(1) == 0)
+    Z = latent_means(model, X, rows)  # the latent the restart clusters
+    assert restart_mixture(model, X, rows, torch.device("cpu"), seed=0) < 0.5
+    qy = responsibilities(model, X, rows)
+    assert adjusted_rand_score(types, qy.argmax(1)) > 0.95
+    # each p(z|y) sits at the latent mean of one true type, and p(y) holds that type's share
+    centres = np.stack([Z[types == t].mean(0) for t in range(3)])
+    match = np.argmin(np.linalg.norm(model.prior_mu.detach().numpy()[:, None] - centres[None], axis=2), axis=1)
+    assert sorted(match) == [0, 1, 2]
+    spread = np.linalg.norm(Z - Z.mean(0), axis=1).mean()
+    assert np.linalg.norm(model.prior_mu.detach().numpy() - centres[match], axis=1).max() < 0.2 * spread
+    shares = torch.softmax(model.prior_y_logits.detach(), -1).numpy()
+    np.testing.assert_allclose(shares, np.bincount(types, minlength=3)[match] / len(types), atol=0.03)
+
+
+def test_training_restarts_a_disagreeing_mixture_keeps_the_best_elbo_and_resumes_exactly(tmp_path, monkeypatch):
+    """With every check taken as a disagreement, fit restarts the mixture at early stopping and trains on, keeps
+    best.pt at the best validation ELBO of the whole run, and a run stopped by a signal just after the restart
+    resumes to the uninterrupted run's weights and history."""
+    monkeypatch.setattr(training, "RESTART_AGREEMENT", 1.5)  # ARI <= 1: always a restart
+    X, _ = _mixture(n=1200, seed=4)
+    rows = np.arange(X.shape[0])
+    cfg = dict(model="gmvae", likelihood="poisson", encoder=[16], decoder=[16], latent=2, components=3,
+               library_size=False)
+    tc = dict(lr=1e-2, batch_size=100, seed=0, pretrain_epochs=4, patience=3)
+    full = fit(X, rows[:1000], rows[1000:], cfg, TrainConfig(epochs=60, **tc), tmp_path / "a")
+    (check,) = full["mixture_restarts"]
+    assert check["restarted"] and check["epoch"] < full["epochs_trained"] - 2
+    h = pd.read_csv(tmp_path / "a" / "history.tsv", sep="\t")
+    assert full["best_val_elbo"] == pytest.approx(h["val_elbo"][4:].max())
+    assert load_checkpoint(tmp_path / "a" / "best.pt")["epoch"] == int(h["val_elbo"][4:].idxmax()) + 1
+
+    real = training._restart
+
+    def restart_then_signal(*args, **kwargs):  # SLURM's warning arrives just after the restart
+        result = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return result
+
+    monkeypatch.setattr(training, "_restart", restart_then_signal)
+    with pytest.raises(training.TrainingInterrupted):
+        fit(X, rows[:1000], rows[1000:], cfg, TrainConfig(epochs=60, **tc), tmp_path / "b")
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == check["epoch"]
+    monkeypatch.setattr(training, "_restart", real)
+    fit(X, rows[:1000], rows[1000:], cfg, TrainConfig(epochs=60, **tc), tmp_path / "b")
+    a, b = (load_checkpoint(tmp_path / r / "checkpoint.pt") for r in "ab")
+    for k in a["model_state"]:
+        assert torch.equal(a["model_state"][k], b["model_state"][k]), k
+    assert a["restarts"] == b["restarts"]
+    pd.testing.assert_frame_equal(h.drop(columns="seconds"),
+                                  pd.read_csv(tmp_path / "b" / "history.tsv", sep="\t").drop(columns="seconds"))
+
+    none = fit(X, rows[:1000], rows[1000:], cfg, TrainConfig(epochs=60, mixture_restarts=0, **tc), tmp_path / "c")
+    assert none["mixture_restarts"] == [] and none["epochs_trained"] == check["epoch"]
+    # without early stopping the check comes restart_epochs before the end, and the run keeps its epochs
+    end = fit(X, rows[:1000], rows[1000:], cfg, TrainConfig(epochs=12, early_stopping=False, **tc), tmp_path / "d")
+    assert [r["epoch"] for r in end["mixture_restarts"]] == [12 - min(2 * 3, (12 - 4) // 2)]
+    assert end["epochs_trained"] == 12

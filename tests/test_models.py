@@ -163,3 +163,18 @@ def test_extreme_decoder_outputs_stay_finite():
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+def test_encoder_input_of_sparse_and_dense_counts_is_log1p_of_counts_or_counts_per_10000(normalise):
+    """normalise_input: log(1 + 10,000 x / library size), scanpy's normalize_total + log1p, computed in numpy."""
+    import numpy as np
+
+    from scvae_torch.models import encoder_input
+
+    x = _counts(n=20, g=9, seed=3).float()
+    x[4] = 0  # a cell without counts stays all zero
+    lib = x.numpy().sum(1, keepdims=True)
+    expected = np.log1p(x.numpy() * 1e4 / np.maximum(lib, 1)) if normalise else np.log1p(x.numpy())
+    for given in (x, x.to_sparse_csr()):
+        np.testing.assert_allclose(encoder_input(given, True, normalise).numpy(), expected, rtol=1e-5, atol=1e-6)
