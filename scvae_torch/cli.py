@@ -9,6 +9,7 @@ from .cli_args import (
     OneLineParser,
     StderrLog,
     UsageError,
+    cell_filter,
     int_list,
     non_negative_int,
     one_of,
@@ -64,6 +65,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="each cell's batch (donor, plate, platform ...): an obs column (h5ad) or a column of "
                         "NAME.cells.tsv (mtx); stored as obs['batch'] for `train --batch`; a cell without one is "
                         "an error")
+    p.add_argument("--keep", type=cell_filter, action="append", default=None, metavar="COLUMN=VALUE[,VALUE]",
+                   help="keep only the cells whose COLUMN (h5ad obs, or NAME.cells.tsv) is one of the values, e.g. "
+                        "demuxlet_cls=SNG for singlets; repeat for more columns (a cell must pass all)")
     p.add_argument("--round", dest="round_counts", action="store_true",
                    help="round non-integer values to the nearest integer (logged as a warning) instead of failing")
     p.add_argument("--min-counts-cell", type=non_negative_int, default=0, metavar="N",
@@ -103,7 +107,8 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
         counts = prepare_input(args.input, args.format, stream=args.stream, stream_above_gb=args.stream_above_gb,
                                genome=args.genome, layer=args.layer, use_raw=args.use_raw, labels=args.labels,
                                round_counts=args.round_counts, min_counts_cell=args.min_counts_cell,
-                               min_counts_gene=args.min_counts_gene, top_genes=args.top_genes, batch=args.batch)
+                               min_counts_gene=args.min_counts_gene, top_genes=args.top_genes, batch=args.batch,
+                               keep=dict(args.keep) if args.keep else None)
         split = (make_split(counts.cells, getattr(counts, "labels", None), args.split_fractions, seed=args.split_seed,
                             stratify=args.stratify) if args.split else None)
         if split is not None:

@@ -55,6 +55,15 @@ def positive_int(text: str) -> int:
     return _whole_number(text, 1)
 
 
+def cell_filter(text: str) -> tuple[str, list[str]]:
+    """Parse 'COLUMN=VALUE[,VALUE...]' (a cell filter of prepare --keep)."""
+    column, sep, values = text.partition("=")
+    kept = [v for v in values.split(",") if v]
+    if not sep or not column or not kept:
+        raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE[,VALUE...], got {text!r}")
+    return column, kept
+
+
 def split_fractions(text: str) -> tuple[float, float, float]:
     """Parse 'train,validation,test' fractions that sum to 1."""
     try:

@@ -157,3 +157,25 @@ def test_missing_or_incomplete_batch_column_is_one_line_in_the_prepare_log(tmp_p
         lines = (work / "results" / "logs" / "data" / f"{name}.prepare.log").read_text().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and repr(column) in lines[0], lines
         assert "Traceback" not in proc.stderr
+
+
+def test_keep_selects_cells_in_the_prepare_job(tmp_path):
+    """A data set's `file: {keep: {column: [values]}}` keeps those cells (the CellBench sets' singlets)."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    work = copy_workflow(tmp_path / "keep")
+    X = sp.csr_matrix(np.arange(1, 61, dtype=np.float32).reshape(12, 5))
+    obs = pd.DataFrame({"cell_type": ["a", "b"] * 6, "demuxlet_cls": ["SNG", "SNG", "DBL"] * 4,
+                        "plate": ["p1", "p2"] * 6}, index=[f"c{i}" for i in range(12)])
+    ad.AnnData(X=X, obs=obs).write_h5ad(work / "cells.h5ad")
+    config = {"datasets": {"sng": {"file": {"path": str(work / "cells.h5ad"), "labels": "cell_type",
+                                            "batch": "plate", "keep": {"demuxlet_cls": ["SNG"]}}}},
+              "gridsearch": {"datasets": []}}
+    snakemake(work, "results/data/sng/counts.h5ad", "--cores", "1", "--configfile",
+              with_config(work, "keep.yaml", config))
+    out = ad.read_h5ad(work / "results" / "data" / "sng" / "counts.h5ad")
+    singlets = obs.index[obs["demuxlet_cls"] == "SNG"]
+    assert list(out.obs_names) == list(singlets)
+    np.testing.assert_array_equal(out.X.toarray(), X.toarray()[obs["demuxlet_cls"].to_numpy() == "SNG"])
+    assert list(out.obs["batch"]) == list(obs.loc[singlets, "plate"])

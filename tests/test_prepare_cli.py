@@ -133,6 +133,42 @@ def test_prepare_top_genes_with_a_batch_ranks_the_deviance_within_batches(tmp_pa
                                               "genes_considered": 30, "within_batches": True}
 
 
+@pytest.mark.parametrize("fmt", ["mtx", "h5ad"])
+def test_prepare_keep_selects_cells_by_annotation_before_the_count_filters(tmp_path, capsys, fmt):
+    """--keep demuxlet_cls=SNG keeps the singlets (with their labels and batch), from a cells table or h5ad obs."""
+    X = random_counts(30, 12, density=0.5, seed=2).toarray().astype(np.float32)
+    cls = np.array(["SNG", "DBL", "AMB"] * 10)
+    table = pd.DataFrame({"cell": [f"c{i}" for i in range(30)], "cell_type": [f"t{i % 2}" for i in range(30)],
+                          "demuxlet_cls": cls, "plate": [f"p{i % 4}" for i in range(30)]})
+    if fmt == "mtx":
+        source = write_named_mtx(tmp_path / "in", "set", X, [f"g{j}" for j in range(12)], table)
+    else:
+        adata = make_adata(X, 30, 12)
+        adata.obs = table.set_index("cell").set_axis(adata.obs_names)
+        source = tmp_path / "in.h5ad"
+        adata.write_h5ad(source)
+    paths = outputs(tmp_path)
+    status, err = run(capsys, "prepare", source, "--labels", "cell_type", "--batch", "plate", "--keep",
+                      "demuxlet_cls=SNG", "--keep", "plate=p0,p2", "--out", paths["out"])
+    assert status == 0, err
+    rows = np.flatnonzero((cls == "SNG") & np.isin(table["plate"], ["p0", "p2"]))
+    assert "kept 5 of 30 cells with demuxlet_cls in {SNG}; plate in {p0, p2}" in err and len(rows) == 5
+    out = anndata.read_h5ad(paths["out"])
+    np.testing.assert_array_equal(out.X.toarray(), X[rows])
+    assert list(out.obs["label"]) == list(table["cell_type"][rows])
+    assert list(out.obs["batch"]) == list(table["plate"][rows])
+    for keep, problem in (("demuxlet=SNG", "no "), ("demuxlet_cls=SINGLET", "no cell has demuxlet_cls in {SINGLET}"),
+                          ("demuxlet_cls", "expected COLUMN=VALUE")):
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        try:
+            status, err = run(capsys, "prepare", source, "--keep", keep, "--out", paths["out"])
+        except SystemExit as exit_:  # a malformed value: argparse's usage error
+            status, err = exit_.code, capsys.readouterr().err
+        assert status == 2 and "Traceback" not in err, err  # the read's progress line, then one error line
+        assert [line for line in err.strip().splitlines() if problem in line] == [err.strip().splitlines()[-1]]
+        assert not (tmp_path / "out").exists()
+
+
 def test_prepare_top_genes_above_the_gene_count_keeps_all_and_says_so(tmp_path, capsys):
     paths = outputs(tmp_path)
     status, err = run(capsys, "prepare", V2, "--top-genes", 5000, "--out", paths["out"])

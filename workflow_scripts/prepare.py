@@ -17,7 +17,7 @@ if "download" in spec:
         opts["format"] = REGISTRY[opts["name"]].format
 else:
     opts = dict(spec["file"])
-keys = ("genome", "layer", "use_raw", "labels", "batch", "min_counts_cell", "min_counts_gene", "top_genes")
+keys = ("genome", "layer", "use_raw", "labels", "batch", "keep", "min_counts_cell", "min_counts_gene", "top_genes")
 try:
     # a 10x HDF5 file larger than data.STREAM_ABOVE_GB in memory is converted block by block
     counts = data.prepare_input(snakemake.input[0], opts.get("format", "auto"), round_counts=opts.get("round", False),

@@ -33,6 +33,27 @@ def filter_counts(counts: Counts, min_counts_cell: int = 0, min_counts_gene: int
     return Counts(X=X, genes=genes, cells=cells, labels=labels, gene_ids=gene_ids, batch=batch)
 
 
+def keep_cells(counts: Counts, annotations: dict[str, np.ndarray], keep: dict[str, list[str]],
+                source: str = "") -> Counts:
+    """Keep the cells whose annotation in every column of `keep` is one of its values (e.g. demuxlet's singlets:
+    {"demuxlet_cls": ["SNG"]}); annotations: each such column's values, one per cell. Logs what it dropped."""
+    mask = np.ones(counts.X.shape[0], dtype=bool)
+    for column, values in keep.items():
+        mask &= np.isin(np.asarray(annotations[column], dtype=object).astype(str), [str(v) for v in values])
+    rule = "; ".join(f"{column} in {{{', '.join(map(str, values))}}}" for column, values in keep.items())
+    if not mask.any():
+        found = {c: sorted(set(np.asarray(annotations[c], dtype=object).astype(str)))[:10] for c in keep}
+        raise _error(source, f"no cell has {rule} (values found: "
+                             f"{'; '.join(f'{c}: {chr(44).join(v)}' for c, v in found.items())})")
+    log.info("%s: kept %d of %d cells with %s", source, int(mask.sum()), mask.size, rule)
+    if mask.all():
+        return counts
+    return Counts(X=counts.X[mask], genes=counts.genes, cells=counts.cells[mask],
+                  labels=None if counts.labels is None else counts.labels[mask], gene_ids=counts.gene_ids,
+                  batch=None if counts.batch is None else counts.batch[mask],
+                  obs=None if counts.obs is None else counts.obs.iloc[np.flatnonzero(mask)])
+
+
 def select_genes(counts: Counts, n: int, source: str = "") -> Counts:
     """Keep the n genes of highest binomial deviance (`scvae_torch.genes`), in their order, and record it; with a
     batch column (`prepare --batch`) the deviance is summed within batches (`uns['scvae_prepare']['within_batches']`).

@@ -62,6 +62,14 @@ def _h5ad_labels(obs_group: h5py.Group, column: str, path: str, what: str = "lab
     return np.asarray(values, dtype=object)
 
 
+def read_obs_columns(path: str, columns: list[str], what: str = "the cell filter") -> dict[str, np.ndarray]:
+    """The values of some obs columns of an h5ad file (one per cell), by name."""
+    with _open_hdf5(path) as f:
+        if not isinstance(f.get("obs"), h5py.Group):
+            raise _error(path, "not an AnnData .h5ad file (no 'obs' group)")
+        return {column: _h5ad_labels(f["obs"], column, path, what) for column in columns}
+
+
 def read_h5ad(path: str, layer: str | None = None, use_raw: bool = False, labels: str | None = None,
               round_counts: bool = False, batch: str | None = None) -> Counts:
     """Read counts from an AnnData .h5ad: X, a named layer, or raw.X; labels and the batch from obs columns."""

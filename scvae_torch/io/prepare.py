@@ -29,7 +29,8 @@ def prepare_input(path: str, format: str = "auto", *, stream: str = "auto", stre
                   genome: str | None = None, layer: str | None = None, use_raw: bool = False,
                   labels: str | None = None, round_counts: bool = False, min_counts_cell: int = 0,
                   min_counts_gene: int = 0, block_nonzeros: int = STREAM_BLOCK_NONZEROS,
-                  top_genes: int | None = None, batch: str | None = None) -> Counts | StreamedPlan:
+                  top_genes: int | None = None, batch: str | None = None,
+                  keep: dict[str, list[str]] | None = None) -> Counts | StreamedPlan:
     """Read and check counts for `prepare`, writing nothing: in memory (Counts), or for a 10x HDF5 file with
     stream 'on' (or 'auto' and more than stream_above_gb GiB in memory) the first pass of the block-by-block
     conversion (StreamedPlan). Either has .cells and goes to write_prepared. top_genes: keep that many genes of
@@ -42,14 +43,14 @@ def prepare_input(path: str, format: str = "auto", *, stream: str = "auto", stre
     fmt = detect_format(path) if format == "auto" and os.path.exists(path) else format
     if stream == "on" and fmt != "10x-h5":
         raise _error(path, f"block-by-block conversion (stream on) reads 10x HDF5 files only, not {fmt}")
-    if fmt == "10x-h5" and labels is None and batch is None and (
+    if fmt == "10x-h5" and labels is None and batch is None and not keep and (
             stream == "on" or (stream == "auto" and _10x_bytes_in_memory(path, genome) > stream_above_gb * 2 ** 30)):
         log.info("%s: converting block by block (stream %s)", path, stream)
         return plan_10x_streamed(path, genome=genome, round_counts=round_counts, min_counts_cell=min_counts_cell,
                                  min_counts_gene=min_counts_gene, block_nonzeros=block_nonzeros, top_genes=top_genes)
     return read_counts(path, fmt, genome=genome, layer=layer, use_raw=use_raw, labels=labels,
                        round_counts=round_counts, min_counts_cell=min_counts_cell, min_counts_gene=min_counts_gene,
-                       top_genes=top_genes, batch=batch)
+                       top_genes=top_genes, batch=batch, keep=keep)
 
 
 def write_prepared(prepared: Counts | StreamedPlan, out: str) -> dict:
