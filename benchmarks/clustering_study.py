@@ -126,7 +126,10 @@ def run(adata, variant: str, seed: int, max_epochs: int | None) -> dict:
     row = {"epochs": len(m.history), "best_epoch": m.metrics.get("best_epoch"),
            "seconds": round(time.perf_counter() - started, 1),
            "val_elbo": float(np.nanmax(m.history["val_elbo"])) if "val_elbo" in m.history else np.nan,
-           "test_elbo": m.get_elbo(indices=m.test_indices)}
+           "test_elbo": m.get_elbo(indices=m.test_indices),
+           # the mixture checks: epoch, ARI of argmax q(y|x) with k-means of the latent, restarted or not
+           "restarts": " ".join(f"{r['epoch']}:{r['agreement']:.3f}:{'restarted' if r['restarted'] else 'kept'}"
+                                for r in m.metrics.get("mixture_restarts", []))}
     z = m.get_latent_representation()
     row.update(scores(labels, kmeans_labels(np.asarray(z, dtype=np.float64), k, seed), "latent_kmeans"))
     if model == "gmvae":

@@ -369,18 +369,18 @@ def restart_due(model: VAE, tc: TrainConfig, epoch: int, best_epoch: int, restar
 
 def _restart(model: VAE, out: Path, source: Source, train_idx: np.ndarray, device: torch.device, tc: TrainConfig,
              codes: np.ndarray | None, epoch: int) -> dict:
-    """At early stopping: restart best.pt's mixture from k-means of its latent where the two disagree
-    (mixture_init.restart_mixture); training goes on and best.pt changes only if the validation ELBO improves."""
+    """A mixture check (restart_due): restart best.pt's mixture from k-means of its latent where the two disagree
+    (mixture_init.restart_mixture); training goes on and best.pt changes only if the validation ELBO improves.
+    Where they agree, the model keeps its last epoch's weights."""
     last = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(load_checkpoint(out / BEST, device)["model_state"])
     agreement = restart_mixture(model, source, train_idx, device, tc.seed, codes, agreement=RESTART_AGREEMENT)
     restarted = agreement < RESTART_AGREEMENT
-    if not restarted:
-        model.load_state_dict(last)  # checkpoint.pt keeps the last epoch's weights
     if restarted:
         log.info("epoch %d: the mixture's clusters and k-means of its latent disagree (ARI %.3f): mixture restarted "
                  "from k-means; training on, best.pt is replaced only by a better validation ELBO", epoch, agreement)
     else:
+        model.load_state_dict(last)  # checkpoint.pt keeps the last epoch's weights
         log.info("epoch %d: the mixture's clusters agree with k-means of its latent (ARI %.3f): no restart",
                  epoch, agreement)
     return {"epoch": epoch, "agreement": agreement, "restarted": restarted}
