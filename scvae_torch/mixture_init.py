@@ -33,7 +33,7 @@ def init_mixture_prior(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray
 
     model.eval()
     source = open_source(X, device)
-    Z, V = _posterior_moments(model, source, rows, device, batch_codes)
+    Z, V, _ = _posterior_moments(model, source, rows, device, batch_codes)
     K = model.cfg.components
     best, best_state = -math.inf, None
     for r in range(restarts):
@@ -64,11 +64,7 @@ def restart_mixture(model: GMVAE, X: sp.csr_matrix | Source, rows: np.ndarray, d
 
     model.eval()
     source = open_source(X, device)
-    Z, V = _posterior_moments(model, source, rows, device, batch_codes, mixed=True)
-    clusters = np.concatenate([
-        model.y_log_probs(source.batch(rows[s:s + 1024]).counts,
-                          batch_tensor(batch_codes, rows[s:s + 1024], device)).argmax(1).cpu().numpy()
-        for s in range(0, len(rows), 1024)])
+    Z, V, clusters = _posterior_moments(model, source, rows, device, batch_codes, mixed=True)
     labels = KMeans(n_clusters=model.cfg.components, n_init=10, random_state=seed).fit_predict(Z)
     ari = float(adjusted_rand_score(clusters, labels))
     if ari < agreement:
@@ -99,10 +95,11 @@ def _start_mixture(model: GMVAE, source, rows: np.ndarray, labels: np.ndarray, Z
 
 
 def _posterior_moments(model: GMVAE, source, rows: np.ndarray, device: torch.device,
-                       batch_codes: np.ndarray | None, mixed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                       batch_codes: np.ndarray | None,
+                       mixed: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Mean and variance of each cell's q(z|x) per latent dimension: the mixture over y of q(z|x,y) with weights
-    q(y|x) (mixed) or uniform (as pre-training holds q(y|x))."""
-    means, variances = [], []
+    q(y|x) (mixed) or uniform (as pre-training holds q(y|x)); with mixed, also each cell's argmax q(y|x)."""
+    means, variances, clusters = [], [], []
     for s in range(0, len(rows), 1024):
         x, b = source.batch(rows[s:s + 1024]).counts, batch_tensor(batch_codes, rows[s:s + 1024], device)
         mu, logvar = model.encode_z(x, b)
@@ -112,7 +109,9 @@ def _posterior_moments(model: GMVAE, source, rows: np.ndarray, device: torch.dev
         mean = (w * mu).sum(1)  # law of total variance over the mixture: E[Var(z|y)] + Var(E[z|y])
         means.append(mean.cpu())
         variances.append(((w * (var + mu ** 2)).sum(1) - mean ** 2).clamp_min(0).cpu())
-    return torch.cat(means).numpy(), torch.cat(variances).numpy()
+        clusters.append(w[:, :, 0].argmax(1).cpu())
+    return (torch.cat(means).numpy(), torch.cat(variances).numpy(),
+            torch.cat(clusters).numpy() if mixed else None)
 
 
 def _fit_y_encoder(model: GMVAE, source, rows: np.ndarray, labels: np.ndarray, device: torch.device, seed: int,

@@ -42,9 +42,9 @@ def keep_cells(counts: Counts, annotations: dict[str, np.ndarray], keep: dict[st
         mask &= np.isin(np.asarray(annotations[column], dtype=object).astype(str), [str(v) for v in values])
     rule = "; ".join(f"{column} in {{{', '.join(map(str, values))}}}" for column, values in keep.items())
     if not mask.any():
-        found = {c: sorted(set(np.asarray(annotations[c], dtype=object).astype(str)))[:10] for c in keep}
-        raise _error(source, f"no cell has {rule} (values found: "
-                             f"{'; '.join(f'{c}: {chr(44).join(v)}' for c, v in found.items())})")
+        found = "; ".join(f"{c}: " + ", ".join(sorted(set(np.asarray(annotations[c], dtype=object).astype(str)))[:10])
+                          for c in keep)
+        raise _error(source, f"no cell has {rule} (values found: {found})")
     log.info("%s: kept %d of %d cells with %s", source, int(mask.sum()), mask.size, rule)
     if mask.all():
         return counts
