@@ -19,6 +19,7 @@ Variants: a model (vae | gmvae) and options joined by "+":
   rN        init_restarts=N: N k-means initialisations of p(z|y), the best validation ELBO kept
   mrN       mixture_restarts=N: restarts of the trained mixture from k-means of its latent (0: none)
   latN      latent size N
+  dropN     dropout N % in the hidden layers
   preN      pretrain_epochs=N: N epochs of VAE pre-training before the mixture prior is set
   defaults  nothing changed (the library's defaults, whatever they are)
   paper     the paper's GMVAE as config/paper.yaml trains it (uniform p(y), no library size, raw input)
@@ -74,6 +75,8 @@ def options(variant: str) -> tuple[str, dict, dict]:
             model_opts["prior_y"] = "uniform"
         elif part == "paper":
             model_opts.update(library_size=False, prior_y="uniform", log1p_input=False)
+        elif part.startswith("drop") and part[4:].isdigit():
+            model_opts["dropout"] = int(part[4:]) / 100
         elif part.startswith("lat"):
             model_opts["latent"] = int(part[3:])
         elif part.startswith("pre") and part[3:].isdigit():
