@@ -50,7 +50,7 @@ class ModelConfig:
     latent: int = 50
     components: int = 10
     dispersion: str = "gene"
-    dropout: float = 0.1  # on hidden layers: better validation ELBO on every set measured (docs/clustering.md)
+    dropout: float = 0.1  # better validation ELBO on the CellBench sets and simulation (docs/clustering.md)
     batch_norm: bool = True
     log1p_input: bool = True
     normalise_input: bool = False  # encoders see the counts per 10,000 (library size removed) instead of the counts

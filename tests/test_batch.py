@@ -155,8 +155,7 @@ def test_counterfactual_expression_recovers_batch_free_truth():
     errors = {}
     for key in ("batch", None):
         model = SCVAE(adata, batch_key=key, latent=10, encoder=[128], decoder=[128])
-        # 150 epochs: at 60 the ratio below sat at 0.58-0.60 with or without dropout (a model still fitting);
-        # at 150 it is 0.51 with the default dropout (0.60 without)
+        # 150 epochs: at 60 the ratio asserted below sat on its threshold with or without dropout (still fitting)
         model.train(max_epochs=150, threads=1, seed=0)
         errors[key] = _log_error(model.get_normalized_expression(transform_batch="batch0" if key else None),
                                  truth, genes)
