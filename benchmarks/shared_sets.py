@@ -17,11 +17,34 @@ def shared_folder(folder: str | Path | None = None) -> Path:
     return Path(folder)
 
 
+# sets whose cells table lacks demuxlet's calls, and the set whose table has them for the same cells (cell ids
+# prefixed): cellbench_celseq2_3cl's 274 cells are the celseq2 platform of cellbench_3cl_2platforms, whose
+# demuxlet_cls marks the 34 doublets its README lists
+DEMUXLET_CALLS_IN = {"cellbench_celseq2_3cl": ("cellbench_3cl_2platforms", "celseq2_")}
+
+
+def demuxlet_calls(name: str, cells: np.ndarray, folder: str | Path | None = None) -> np.ndarray | None:
+    """demuxlet_cls (SNG / DBL) of a set's cells read from the set that annotates them, or None if none does."""
+    import pandas as pd
+
+    if name not in DEMUXLET_CALLS_IN:
+        return None
+    other, prefix = DEMUXLET_CALLS_IN[name]
+    path = shared_folder(folder) / f"{other}.cells.tsv.gz"
+    table = pd.read_csv(path, sep="\t", dtype=str).set_index("cell_id")["demuxlet_cls"]
+    ids = np.char.add(prefix, np.asarray(cells, dtype=str))
+    missing = np.setdiff1d(ids, table.index)
+    if missing.size:
+        sys.exit(f"{path}: no demuxlet call for {missing.size} cells of {name} (e.g. {missing[0]})")
+    return table.loc[ids].to_numpy()
+
+
 def load_shared(name: str, top_genes: int | None = 2000, singlets: bool = True, within_batches: bool = False,
                 folder: str | Path | None = None):
     """A shared set as an AnnData: raw counts (CSR float32), obs['label'] and, where the set has one, obs['batch'].
 
-    singlets: keep the cells demuxlet calls singlets (sets with a demuxlet_cls column). Genes without counts are
+    singlets: keep the cells demuxlet calls singlets (sets with a demuxlet_cls column, or whose calls another
+    set's table holds: DEMUXLET_CALLS_IN). Genes without counts are
     dropped; top_genes keeps that many of highest binomial deviance (within the set's batches when
     within_batches), in their order.
     """
@@ -34,8 +57,10 @@ def load_shared(name: str, top_genes: int | None = 2000, singlets: bool = True, 
     counts = read_mtx(str(shared_folder(folder) / f"{name}.counts.mtx.gz"), labels="cell_type")
     table = counts.obs if counts.obs is not None else pd.DataFrame()
     rows = np.arange(counts.X.shape[0])
-    if singlets and "demuxlet_cls" in table:
-        rows = np.flatnonzero((table["demuxlet_cls"] == "SNG").to_numpy())
+    calls = table["demuxlet_cls"].to_numpy() if "demuxlet_cls" in table else demuxlet_calls(name, counts.cells,
+                                                                                             folder)
+    if singlets and calls is not None:
+        rows = np.flatnonzero(calls == "SNG")
     X = counts.X[rows].tocsr()
     batch = table["batch"].astype(str).to_numpy()[rows] if "batch" in table else None
     keep = np.flatnonzero(np.asarray(X.sum(0)).ravel() > 0)
