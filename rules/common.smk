@@ -457,7 +457,8 @@ def ablation_params(wildcards):
     fig5 = config["figures"]["figure5"]
     arch = arch_id(fig5["encoder"], fig5["decoder"], fig5["latent"])
     model = model_config(
-        wildcards.dataset, "gmvae", wildcards.likelihood, arch, y_regularisation=wildcards.reg
+        wildcards.dataset, "gmvae", wildcards.likelihood, arch, y_regularisation=wildcards.reg,
+        cluster_posterior="encoder",  # the ablation is of q(y|x)'s regularisation: its clusters are q(y|x)'s
     )
     training = train_config(epochs=fig5["epochs"], lr=fig5["lr"], pretrain_epochs=fig5["pretrain_epochs"])
     return {"model": model, "training": training, "batch": conditioned(wildcards.dataset)}

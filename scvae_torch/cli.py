@@ -18,6 +18,7 @@ from .cli_args import (
     split_fractions,
 )
 from .config import (
+    CLUSTER_POSTERIORS,
     DEFAULT_FRACTIONS,
     DEVICES,
     DISPERSIONS,
@@ -314,6 +315,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help=f"GMVAE y term: {one_of(Y_REGULARISATIONS)} (supervised needs labels)")
     p.add_argument("--prior-y", default=m.prior_y,
                    help=f"GMVAE mixture weights p(y): {one_of(PRIORS_Y)}")
+    p.add_argument("--cluster-posterior", default=m.cluster_posterior,
+                   help=f"GMVAE clusters: {one_of(CLUSTER_POSTERIORS)} (elbo: the q*(y|x) that maximises the ELBO "
+                        "given the trained model; encoder: its q(y|x), scVAE's)")
     p.add_argument("--free-nats", type=float, default=m.free_nats, help="free nats for the KL terms")
     p.add_argument("--epochs", type=int, default=t.epochs,
                    help="most epochs (a resumed run continues up to this); default: from the number of cells, "
@@ -357,7 +361,8 @@ def _model_train_configs(args: argparse.Namespace) -> tuple[dict, object]:
     model = {k: getattr(args, k) for k in ("model", "likelihood", "encoder", "decoder", "latent", "components",
                                            "dispersion", "dropout", "batch_norm", "log1p_input", "normalise_input",
                                            "library_size",
-                                           "y_regularisation", "prior_y", "free_nats", "batch_encoder")}
+                                           "y_regularisation", "prior_y", "cluster_posterior", "free_nats",
+                                           "batch_encoder")}
     if args.batch_encoder and not args.batch:
         raise UsageError("--batch-encoder needs --batch")
     if args.dispersion == "gene-batch" and not args.batch:

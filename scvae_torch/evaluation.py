@@ -59,6 +59,14 @@ def responsibilities(model: GMVAE, X: CountSource, rows: np.ndarray, device: tor
                      batch_codes)
 
 
+def cluster_probabilities(model: GMVAE, X: CountSource, rows: np.ndarray, device: torch.device | str = "cpu",
+                          batch_size: int | None = None, batch_codes: np.ndarray | None = None,
+                          posterior: str | None = None) -> np.ndarray:
+    """The probabilities a GMVAE's clusters are read from (GMVAE.cluster_probabilities), shape (cells, K)."""
+    return _per_cell(lambda x, b: model.cluster_probabilities(x, b, posterior), model, X, rows, device, batch_size,
+                     model.cfg.components, batch_codes)
+
+
 @torch.no_grad()
 def decoded_feature_means(model: VAE, X: CountSource, rows: np.ndarray, device: torch.device | str = "cpu",
                           batch_size: int | None = None, batch_codes: np.ndarray | None = None,

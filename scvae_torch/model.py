@@ -25,7 +25,7 @@ from . import provenance
 from .batches import SourceError, StreamSource, batch_codes, open_source
 from .config import IW_SAMPLES, ModelConfig, TrainConfig
 from .data import DataError
-from .evaluation import evaluate_model, latent_means, responsibilities
+from .evaluation import cluster_probabilities, evaluate_model, latent_means
 from .io import user_data
 from .io.atomic import torch_save, write_h5ad, write_text
 from .models import GMVAE, VAE, build_model
@@ -353,16 +353,26 @@ class SCVAE:
             raise ValueError("a VAE has no clusters: use model='gmvae', or k-means on get_latent_representation()")
         return self.module
 
-    def get_cluster_probabilities(self, adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
-        """q(y|x) of a GMVAE: each cell's probability of each of the K components (cells x K)."""
+    def get_cluster_probabilities(self, adata=None, indices=None, batch_size: int | None = None,
+                                  posterior: str | None = None) -> np.ndarray:
+        """A GMVAE's probability of each of the K components for each cell (cells x K).
+
+        Parameters
+        ----------
+        posterior
+            "elbo": the q*(y|x) that maximises the ELBO given the trained q(z|x,y) and generative model,
+            softmax over y of log p(y) + ELBO given y; "encoder": the encoder's q(y|x); None (default): the
+            model's ``cluster_posterior`` ("elbo" unless set; docs/clustering.md).
+        """
         module = self._gmvae()
         X = self._matrix(adata)
-        return responsibilities(module, X, self._rows(X, indices), self.device, batch_size,
-                                batch_codes=self._batch_codes(adata))
+        return cluster_probabilities(module, X, self._rows(X, indices), self.device, batch_size,
+                                     batch_codes=self._batch_codes(adata), posterior=posterior)
 
-    def predict_clusters(self, adata=None, indices=None, batch_size: int | None = None) -> np.ndarray:
-        """A GMVAE's cluster of each cell: argmax q(y|x) (integers 0..K-1)."""
-        return self.get_cluster_probabilities(adata, indices, batch_size).argmax(1)
+    def predict_clusters(self, adata=None, indices=None, batch_size: int | None = None,
+                         posterior: str | None = None) -> np.ndarray:
+        """A GMVAE's cluster of each cell (integers 0..K-1): argmax of get_cluster_probabilities."""
+        return self.get_cluster_probabilities(adata, indices, batch_size, posterior).argmax(1)
 
     @torch.no_grad()
     def get_normalized_expression(self, adata=None, indices=None, library_size: float | None = 1e4,

@@ -340,6 +340,25 @@ class GMVAE(VAE):
         """q(y|x), shape (cells, K)."""
         return self.y_log_probs(x, batch).exp()
 
+    def component_elbos(self, x: Tensor, batch: Tensor | None = None) -> Tensor:
+        """log p(y) + ELBO of each cell given each component y, shape (cells, K): log p(x|z) at the mean of
+        q(z|x,y) (a plug-in for its expectation) - KL(q(z|x,y) || p(z|y)) + log p(y).
+
+        For fixed q(z|x,y), the q(y|x) that maximises the ELBO is softmax over y of these (the ELBO's y sum is
+        a KL to it: ELBO = log sum_y exp(.) - KL(q(y|x) || q*(y|x))); the encoder's q(y|x) approximates it.
+        """
+        mu, logvar = self.encode_z(x, batch)
+        p_mu, p_logvar = self._prior()
+        return (self.log_prior_y() + self._log_px_per_component(x, mu, batch=batch)
+                - gaussian_kl(mu, logvar, p_mu[None], p_logvar[None]))
+
+    def cluster_probabilities(self, x: Tensor, batch: Tensor | None = None, posterior: str | None = None) -> Tensor:
+        """Each cell's probability of each component, shape (cells, K): the ELBO-optimal q*(y|x)
+        (component_elbos; posterior "elbo") or the encoder's q(y|x) ("encoder"); None: cfg.cluster_posterior."""
+        if (posterior or self.cfg.cluster_posterior) == "encoder":
+            return self.responsibilities(x, batch)
+        return torch.softmax(self.component_elbos(x, batch), dim=-1)
+
     def encode_z(self, x: Tensor, batch: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Mean and log-variance of q(z|x,y) for every y, shape (cells, K, L)."""
         n, K = x.shape[0], self.cfg.components

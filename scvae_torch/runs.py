@@ -118,11 +118,12 @@ def _evaluate(model: SCVAE, model_dir: str, metrics_path: str, latent_path: str,
     latent = ad.AnnData(X=sp.csr_matrix((len(cells), 0), dtype=np.float32), obs=obs)
     latent.obsm[LATENT_KEY] = model.get_latent_representation()
     if isinstance(model.module, GMVAE):
-        resp = model.get_cluster_probabilities()
-        latent.obsm["scvae_responsibilities"] = resp
-        latent.obs["scvae_cluster"] = pd.Categorical(resp.argmax(1).astype(str))
+        # the encoder's q(y|x) (Figure 5 draws it); the clusters as the model's cluster_posterior reads them
+        latent.obsm["scvae_responsibilities"] = model.get_cluster_probabilities(posterior="encoder")
+        clusters = model.predict_clusters()
+        latent.obs["scvae_cluster"] = pd.Categorical(clusters.astype(str))
         if labels is not None:
-            metrics["test_cluster"] = cluster_scores(labels[test], resp[test].argmax(1))
+            metrics["test_cluster"] = cluster_scores(labels[test], clusters[test])
     latent.uns["scvae"] = {"model": cfg.model, "likelihood": cfg.likelihood}
     write_h5ad(latent, latent_path)
     if feature_means_path:

@@ -169,6 +169,7 @@ SCHEMA_ENUMS = {
     ("properties", "model", "properties", "dispersion"): library.DISPERSIONS,
     ("properties", "model", "properties", "y_regularisation"): library.Y_REGULARISATIONS,
     ("properties", "model", "properties", "prior_y"): library.PRIORS_Y,
+    ("properties", "model", "properties", "cluster_posterior"): library.CLUSTER_POSTERIORS,
     ("properties", "training", "properties", "device"): library.DEVICES,
     ("properties", "training", "properties", "precision"): library.PRECISIONS,
     ("properties", "training", "properties", "stream"): library.STREAMING,

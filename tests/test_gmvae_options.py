@@ -182,3 +182,59 @@ def test_training_restarts_a_disagreeing_mixture_keeps_the_best_elbo_and_resumes
     end = fit(X, rows[:1000], rows[1000:], cfg, TrainConfig(epochs=12, early_stopping=False, **tc), tmp_path / "d")
     assert [r["epoch"] for r in end["mixture_restarts"]] == [12 - min(2 * 3, (12 - 4) // 2)]
     assert end["epochs_trained"] == 12
+
+
+@pytest.mark.parametrize("library_size", [False, True])
+def test_elbo_cluster_posterior_maximises_the_elbo_over_q_y(monkeypatch, library_size):
+    """softmax(component_elbos) is the q(y|x) that maximises the ELBO of the model's own forward pass (z at the mean
+    of q(z|x,y)): its ELBO is log sum_y exp(component_elbos), and no other q(y|x) (the encoder's, random ones, one-hot
+    ones) does better."""
+    X, _ = _mixture(n=64, seed=3)
+    x = torch.as_tensor(X.toarray())
+    torch.manual_seed(1)
+    model = GMVAE(ModelConfig(n_features=8, model="gmvae", likelihood="nb", encoder=[16], decoder=[16], latent=2,
+                              components=3, prior_y="learned", library_size=library_size))
+    with torch.no_grad():
+        model.prior_y_logits.copy_(torch.tensor([0.5, -0.3, 0.1]))
+    model.eval()
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)  # forward's z = the mean of q(z|x,y)
+
+    def elbo_with(log_q: torch.Tensor) -> torch.Tensor:
+        with monkeypatch.context() as m, torch.no_grad():
+            m.setattr(model, "y_log_probs", lambda x, batch=None: log_q)
+            return model(x)["elbo"]
+
+    with torch.no_grad():
+        scores = model.component_elbos(x)
+        q_star = model.cluster_probabilities(x)
+        encoder = model.cluster_probabilities(x, posterior="encoder")
+    torch.testing.assert_close(q_star, torch.softmax(scores, -1))
+    torch.testing.assert_close(encoder, model.responsibilities(x).detach())
+    best = elbo_with(q_star.log())
+    torch.testing.assert_close(best, torch.logsumexp(scores, -1), rtol=1e-5, atol=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    others = [encoder, *(torch.softmax(3 * torch.randn(x.shape[0], 3, generator=gen), -1) for _ in range(5)),
+              *(torch.nn.functional.one_hot(torch.full((x.shape[0],), k), 3).float() for k in range(3))]
+    for q in others:
+        assert torch.all(elbo_with(q.clamp_min(1e-30).log()) <= best + 1e-3)
+    assert torch.any(elbo_with(encoder.log()) < best - 1e-2)  # the encoder (untrained) is not already optimal
+
+
+def test_predict_clusters_reads_the_configured_posterior(tmp_path):
+    """cluster_posterior 'elbo' (default) and 'encoder' give argmax of q*(y|x) and of q(y|x); both find the types of a
+    well-separated mixture."""
+    from scvae_torch import SCVAE
+
+    X, types = _mixture(n=600, seed=2)
+    adata = __import__("anndata").AnnData(X, obs=pd.DataFrame(index=[f"c{i}" for i in range(X.shape[0])]))
+    model = SCVAE(adata, model="gmvae", likelihood="poisson", encoder=[16], decoder=[16], latent=2, components=3)
+    assert model.model_config.cluster_posterior == "elbo"
+    model.train(max_epochs=30, seed=0, train_size=0.9, validation_size=0.1)
+    X_rows = np.arange(X.shape[0])
+    q = responsibilities(model.module, X, X_rows)
+    np.testing.assert_array_equal(model.predict_clusters(posterior="encoder"), q.argmax(1))
+    elbo = model.predict_clusters()
+    np.testing.assert_array_equal(adata.obs["scvae_cluster"].astype(int).to_numpy(), elbo)
+    assert adjusted_rand_score(types, elbo) > 0.95 and adjusted_rand_score(types, q.argmax(1)) > 0.95
+    with pytest.raises(ValueError, match="unknown cluster_posterior 'mean'"):
+        SCVAE(adata, model="gmvae", components=3, cluster_posterior="mean")
