@@ -48,8 +48,8 @@ log = logging.getLogger("scvae_torch.model")
 
 # Where results go in the user's AnnData.
 LATENT_KEY = "X_scvae"                                  # obsm: mean of q(z|x) per cell
-CLUSTER_KEY = "scvae_cluster"                           # obs: argmax q(y|x) (GMVAE), categorical
-PROBABILITIES_KEY = "scvae_cluster_probabilities"       # obsm: q(y|x) (GMVAE), cells x K
+CLUSTER_KEY = "scvae_cluster"                           # obs: GMVAE cluster (predict_clusters), categorical
+PROBABILITIES_KEY = "scvae_cluster_probabilities"       # obsm: get_cluster_probabilities (GMVAE), cells x K
 SETUP_KEY = "_scvae_setup"                              # uns: what setup_anndata recorded
 # A saved model folder.
 WEIGHTS = "model.pt"

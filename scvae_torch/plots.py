@@ -211,7 +211,8 @@ def latent_space(latents: dict[str, str], assignments: str, png: str, pdf: str |
                  title: str | None = None) -> Figure:
     """PCA of each run's latent (obsm['X_scvae']), coloured by label (if any) and by cluster.
 
-    Clusters: the GMVAE's argmax q(y|x), else the run's column in assignments.tsv (k-means on the latent).
+    Clusters: the GMVAE's own (latent.h5ad's scvae_cluster), else the run's column in assignments.tsv (k-means
+    on the latent).
     """
     import anndata as ad
 

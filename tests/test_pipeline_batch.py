@@ -86,7 +86,10 @@ def test_integration_table_scores_three_methods(pipeline):
     assert list(t["method"]) == ["gmvae+batch", "gmvae", "pca"] and set(t["dataset"]) == {"sim-batch"}
     assert list(t["clusters"]) == ["gmvae", "gmvae", "kmeans"]
     assert (t["cell_types"] == SIM["n_types"]).all() and (t["cells"] == SIM["n_cells"]).all()
-    scores = t[["ari", "ami", "batch_entropy", "batch_asw", "type_asw"]].to_numpy()
+    # ARI and AMI are below 0 for worse-than-chance clusters (6 epochs here), the mixing scores lie in [0, 1]
+    agreement = t[["ari", "ami"]].to_numpy()
+    assert np.isfinite(agreement).all() and (agreement >= -1).all() and (agreement <= 1).all(), t
+    scores = t[["batch_entropy", "batch_asw", "type_asw"]].to_numpy()
     assert np.isfinite(scores).all() and (scores >= 0).all() and (scores <= 1).all(), t
     # three well-separated simulated types: the classical route finds them
     assert t.loc[t["method"] == "pca", "ari"].item() >= 0.8, t
