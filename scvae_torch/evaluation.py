@@ -62,7 +62,11 @@ def responsibilities(model: GMVAE, X: CountSource, rows: np.ndarray, device: tor
 def cluster_probabilities(model: GMVAE, X: CountSource, rows: np.ndarray, device: torch.device | str = "cpu",
                           batch_size: int | None = None, batch_codes: np.ndarray | None = None,
                           posterior: str | None = None) -> np.ndarray:
-    """The probabilities a GMVAE's clusters are read from (GMVAE.cluster_probabilities), shape (cells, K)."""
+    """The probabilities a GMVAE's clusters are read from (GMVAE.cluster_probabilities), shape (cells, K).
+
+    q*(y|x) decodes every cell K times: the default minibatch keeps K x cells x genes under 2^23 values."""
+    K = model.cfg.components
+    batch_size = batch_size or max(1, min(1024, (1 << 23) // max(X.shape[1] * K, 1)))
     return _per_cell(lambda x, b: model.cluster_probabilities(x, b, posterior), model, X, rows, device, batch_size,
                      model.cfg.components, batch_codes)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributions as D
-from .config import ModelConfig
+from .config import CLUSTER_POSTERIORS, ModelConfig
 
 # Bounds on decoder log-parameters: exp(20) = 4.9e8 is far above any count, and keeps exp() finite in float32.
 LOG_MEAN_BOUNDS = (-30.0, 20.0)
@@ -355,7 +355,10 @@ class GMVAE(VAE):
     def cluster_probabilities(self, x: Tensor, batch: Tensor | None = None, posterior: str | None = None) -> Tensor:
         """Each cell's probability of each component, shape (cells, K): the ELBO-optimal q*(y|x)
         (component_elbos; posterior "elbo") or the encoder's q(y|x) ("encoder"); None: cfg.cluster_posterior."""
-        if (posterior or self.cfg.cluster_posterior) == "encoder":
+        posterior = posterior or self.cfg.cluster_posterior
+        if posterior not in CLUSTER_POSTERIORS:
+            raise ValueError(f"unknown posterior {posterior!r} (choose from {', '.join(CLUSTER_POSTERIORS)})")
+        if posterior == "encoder":
             return self.responsibilities(x, batch)
         return torch.softmax(self.component_elbos(x, batch), dim=-1)
 

@@ -238,3 +238,5 @@ def test_predict_clusters_reads_the_configured_posterior(tmp_path):
     assert adjusted_rand_score(types, elbo) > 0.95 and adjusted_rand_score(types, q.argmax(1)) > 0.95
     with pytest.raises(ValueError, match="unknown cluster_posterior 'mean'"):
         SCVAE(adata, model="gmvae", components=3, cluster_posterior="mean")
+    with pytest.raises(ValueError, match="unknown posterior 'q'"):
+        model.predict_clusters(posterior="q")
