@@ -28,7 +28,11 @@ def test_vae_poisson_recovers_the_true_rates(tmp_path, library_size):
                              library_size=library_size),
         TrainConfig(epochs=120, batch_size=100, lr=1e-3, seed=0, threads=1), tmp_path)
     learned = decoded_feature_means(load_model(tmp_path), data.X, te)
-    np.testing.assert_allclose(learned, data.truth["rates"], rtol=0.05)
+    # 5 %, or three standard errors of a mean of len(te) Poisson counts where that is wider: for rate 1 one
+    # standard error of 200 cells' mean is 7 % (one machine decoded 1.051 for it; the test cells' mean is 1.01)
+    rates = data.truth["rates"]
+    tolerance = np.maximum(0.05 * rates, 3 * np.sqrt(rates / len(te)))
+    assert np.all(np.abs(learned - rates) <= tolerance), (learned, rates, tolerance)
 
 
 @pytest.mark.parametrize("kind", ["mixture", "single-cell"])
