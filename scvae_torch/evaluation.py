@@ -14,12 +14,17 @@ from .training import batch_tensor, evaluate_terms
 CountSource = sp.csr_matrix | Source  # the counts, in memory or read from the file minibatch by minibatch
 
 
+def default_batch_size(n_genes: int, copies: int = 1) -> int:
+    """Cells per minibatch that keep `copies` dense cells x genes tensors under 2^23 values, at most 1024 (32 MB
+    for 28,000 genes)."""
+    return max(1, min(1024, (1 << 23) // max(n_genes * copies, 1)))
+
+
 def _batches(X: CountSource, rows: np.ndarray, device: torch.device | str, batch_size: int | None,
              batch_codes: np.ndarray | None = None):
     """The given cells as (sparse CSR count tensor, batch codes tensor or None) on the device, batch_size at a
-    time, in order (default: as many as keep a dense cells x genes tensor under 2^23 values, at most 1024: 32 MB
-    for 28,000 genes)."""
-    batch_size = batch_size or max(1, min(1024, (1 << 23) // max(X.shape[1], 1)))
+    time, in order (default: default_batch_size)."""
+    batch_size = batch_size or default_batch_size(X.shape[1])
     device = torch.device(device)
     source = open_source(X, device)
     for s in range(0, len(rows), batch_size):
@@ -66,9 +71,8 @@ def cluster_probabilities(model: GMVAE, X: CountSource, rows: np.ndarray, device
 
     q*(y|x) decodes every cell K times: the default minibatch keeps K x cells x genes under 2^23 values."""
     K = model.cfg.components
-    batch_size = batch_size or max(1, min(1024, (1 << 23) // max(X.shape[1] * K, 1)))
-    return _per_cell(lambda x, b: model.cluster_probabilities(x, b, posterior), model, X, rows, device, batch_size,
-                     model.cfg.components, batch_codes)
+    return _per_cell(lambda x, b: model.cluster_probabilities(x, b, posterior), model, X, rows, device,
+                     batch_size or default_batch_size(X.shape[1], K), K, batch_codes)
 
 
 @torch.no_grad()
