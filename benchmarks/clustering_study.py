@@ -22,6 +22,7 @@ Variants: a model (vae | gmvae) and options joined by "+":
   latN      latent size N
   dropN     dropout N % in the hidden layers
   preN      pretrain_epochs=N: N epochs of VAE pre-training before the mixture prior is set
+  epN       at most N epochs for this variant (--max-epochs caps every model, scVI's too)
   kwN       kl_warmup=N: the KL terms' weight rises linearly from 0 to 1 over the first N epochs
   qenc      cluster_posterior="encoder": clusters from the encoder's q(y|x) (default: the ELBO-optimal q*(y|x))
   defaults  nothing changed (the library's defaults, whatever they are)
@@ -86,6 +87,8 @@ def options(variant: str) -> tuple[str, dict, dict]:
             model_opts["latent"] = int(part[3:])
         elif part.startswith("pre") and part[3:].isdigit():
             train_opts["pretrain_epochs"] = int(part[3:])
+        elif part.startswith("ep") and part[2:].isdigit():
+            train_opts["max_epochs"] = int(part[2:])
         elif part.startswith("kw") and part[2:].isdigit():
             train_opts["kl_warmup"] = int(part[2:])
         elif part.startswith("mr") and part[2:].isdigit():
@@ -132,6 +135,7 @@ def run(adata, variant: str, seed: int, max_epochs: int | None) -> dict:
     extra = {"components": k} if model == "gmvae" else {}
     started = time.perf_counter()
     m = SCVAE(adata, model=model, **extra, **model_opts)
+    max_epochs = train_opts.pop("max_epochs", max_epochs)
     m.train(max_epochs=max_epochs, train_size=0.81, validation_size=0.09, seed=seed, **train_opts)
     row = {"epochs": len(m.history), "best_epoch": m.metrics.get("best_epoch"),
            "seconds": round(time.perf_counter() - started, 1),

@@ -321,7 +321,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--free-nats", type=float, default=m.free_nats, help="free nats for the KL terms")
     p.add_argument("--epochs", type=int, default=t.epochs,
                    help="most epochs (a resumed run continues up to this); default: from the number of cells, "
-                        "400 up to 20,000 cells, fewer above")
+                        "400 from 1,000 to 20,000 cells, fewer above, 400,000 / cells below (at most 2,000)")
     p.add_argument("--no-early-stopping", dest="early_stopping", action="store_false",
                    help="train all epochs instead of stopping when the validation ELBO stops improving")
     p.add_argument("--patience", type=int, default=t.patience,

@@ -166,14 +166,21 @@ class TrainConfig:
 
 
 # Epochs when none are given: 400 passes over 20,000 cells' worth of cells, at most 400 epochs (scvi-tools'
-# rule); early stopping usually ends a run well before. Measured in docs/defaults.md.
+# rule); early stopping usually ends a run well before. Below 1,000 cells 400 epochs are too few minibatches to
+# converge, so a small set gets 400,000 cells' worth (4,000 minibatches of 100), at most 2,000 epochs: measured
+# in docs/defaults.md.
 EPOCH_BUDGET_CELLS = 20_000 * 400
 MAX_EPOCHS = 400
+SMALL_SET_BUDGET_CELLS = 400_000
+MAX_SMALL_SET_EPOCHS = 2_000
 
 
 def default_epochs(n_cells: int) -> int:
-    """Epochs for a data set of n_cells when none are given: 400 up to 20,000 cells, fewer above."""
-    return int(min(MAX_EPOCHS, max(1, round(EPOCH_BUDGET_CELLS / max(n_cells, 1)))))
+    """Epochs for a data set of n_cells when none are given: 400 from 1,000 to 20,000 cells, fewer above, more
+    below (400,000 / cells, at most 2,000)."""
+    n = max(n_cells, 1)
+    large = min(MAX_EPOCHS, max(1, round(EPOCH_BUDGET_CELLS / n)))
+    return int(max(large, min(MAX_SMALL_SET_EPOCHS, -(-SMALL_SET_BUDGET_CELLS // n))))
 
 
 PRETRAIN_EPOCHS = 20  # GMVAE pre-training when none is given (10 split the largest type: docs/clustering.md)

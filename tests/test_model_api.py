@@ -199,6 +199,10 @@ def test_load_reorders_genes_by_name_and_refuses_other_genes(trained, tmp_path):
 def test_epochs_come_from_the_number_of_cells():
     assert default_epochs(2_000) == default_epochs(20_000) == MAX_EPOCHS == 400
     assert default_epochs(200_000) == 40 and default_epochs(10**8) == 1
+    # below 1,000 cells: 400,000 cells' worth of passes (rounded up), at most 2,000 epochs
+    assert default_epochs(1_000) == 400 and default_epochs(999) == 401
+    assert default_epochs(240) == 1667 and default_epochs(571) == 701
+    assert default_epochs(200) == default_epochs(10) == default_epochs(0) == 2_000
     tc = TrainConfig().resolved(2_000, "gmvae")
     assert (tc.epochs, tc.pretrain_epochs) == (400, 20)
     assert TrainConfig().resolved(2_000, "vae").pretrain_epochs == 0
