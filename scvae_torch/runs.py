@@ -119,8 +119,9 @@ def _evaluate(model: SCVAE, model_dir: str, metrics_path: str, latent_path: str,
     latent.obsm[LATENT_KEY] = model.get_latent_representation()
     if isinstance(model.module, GMVAE):
         # the encoder's q(y|x) (Figure 5 draws it); the clusters as the model's cluster_posterior reads them
-        latent.obsm["scvae_responsibilities"] = model.get_cluster_probabilities(posterior="encoder")
-        clusters = model.predict_clusters()
+        encoder = model.get_cluster_probabilities(posterior="encoder")
+        latent.obsm["scvae_responsibilities"] = encoder
+        clusters = (encoder if cfg.cluster_posterior == "encoder" else model.get_cluster_probabilities()).argmax(1)
         latent.obs["scvae_cluster"] = pd.Categorical(clusters.astype(str))
         if labels is not None:
             metrics["test_cluster"] = cluster_scores(labels[test], clusters[test])

@@ -184,6 +184,12 @@ def test_latent_h5ad_is_ready_for_scanpy(pipeline):
         assert np.isfinite(latent.obsm["X_scvae"]).all()
         assert set(latent.obs["subset"]) == {"train", "validation", "test"}
         assert ("scvae_cluster" in latent.obs) == (m == "gmvae")
+    # the Figure 5 ablation reads its clusters from the encoder (cluster_posterior: encoder): argmax of the
+    # q(y|x) stored beside them
+    for run in (pipeline / "results" / "ablation" / "mixture").iterdir():
+        latent = ad.read_h5ad(run / "latent.h5ad")
+        argmax = latent.obsm["scvae_responsibilities"].argmax(1).astype(str)
+        assert (latent.obs["scvae_cluster"].astype(str).to_numpy() == argmax).all(), run.name
 
 
 FIGURES = ["figure2_vae_synthetic_poisson", "figure3_poisson_stability", "figure5_gmvae_ablation",
