@@ -3,6 +3,7 @@
 Usage:
   SCVAE_SHARED_DATA=../shared/data python benchmarks/clustering_study.py [--sets hard-sim,cellbench_celseq2_3cl,...]
       [--variants gmvae,gmvae+lib,...] [--seeds 0,1,2] [--max-epochs N] [--scvi] [--threads 1] [--out FILE.tsv]
+      [--misplaced]
 
 For each data set: the most informative --top-genes genes (binomial deviance; the simulation keeps all), the
 cells' labels (the CellBench sets: singlets only, plates ignored), K = the number of labels. Baselines, once per
@@ -10,13 +11,16 @@ seed: k-means on 50 principal components of log-normalised counts (scanpy's rout
 --scvi, k-means on scVI's latent (10 dimensions, NB, same split). Then each variant trains `scvae_torch.SCVAE` on
 the seeded 81/9/10 split and prints one row: the GMVAE's own clusters (as its cluster_posterior reads them; and
 argmax of the encoder's q(y|x) as encoder_clusters) and k-means (k = K) on its latent, as ARI and AMI on all
-cells; the best validation ELBO and the test ELBO per cell; epochs and seconds.
+cells; the best validation ELBO and the test ELBO per cell; epochs and seconds. --misplaced also prints, for
+each clustering, the cells it places apart from their label (clusters matched to labels one to one), with their
+library sizes and where those rank among all cells' (a shallow cell has little evidence of its type).
 Nothing here looks at the labels but the scores: initialisations are chosen by validation ELBO.
 
 Variants: a model (vae | gmvae) and options joined by "+":
   lib       library_size=True: decoded mean = observed library size x softmax over genes (scVI's scaling)
   norm      normalise_input=True: the encoders see log1p of counts per 10,000
   learned   prior_y="learned": mixture weights p(y) learned (scVAE's "learn")
+  sharedvar prior_z_variance="shared": one diagonal variance for every p(z|y) (compvar: each its own)
   rN        init_restarts=N: N k-means initialisations of p(z|y), the best validation ELBO kept
   mrN       mixture_restarts=N: restarts of the trained mixture from k-means of its latent (0: none)
   latN      latent size N
@@ -79,6 +83,8 @@ def options(variant: str) -> tuple[str, dict, dict]:
             model_opts["cluster_posterior"] = "encoder"
         elif part == "uniform":
             model_opts["prior_y"] = "uniform"
+        elif part in ("sharedvar", "compvar"):
+            model_opts["prior_z_variance"] = "shared" if part == "sharedvar" else "component"
         elif part == "paper":
             model_opts.update(library_size=False, prior_y="uniform", log1p_input=False)
         elif part.startswith("drop") and part[4:].isdigit():
@@ -107,6 +113,38 @@ def scores(labels: np.ndarray, predicted: np.ndarray, prefix: str) -> dict:
     return {f"{prefix}_{name}": value for name, value in cluster_scores(labels, predicted).items()}
 
 
+def matched_labels(labels: np.ndarray, predicted: np.ndarray) -> dict:
+    """Each cluster's label under the one-to-one matching that agrees on most cells (Hungarian)."""
+    import pandas as pd
+    from scipy.optimize import linear_sum_assignment
+
+    table = pd.crosstab(pd.Series(predicted, name="cluster"), pd.Series(labels, name="label"))
+    rows, cols = linear_sum_assignment(-table.to_numpy())
+    return {table.index[r]: table.columns[c] for r, c in zip(rows, cols)}
+
+
+def misplaced(adata, predicted: np.ndarray, what: str, probabilities: np.ndarray | None = None) -> list[str]:
+    """One line per cell whose cluster, matched one to one with the labels (Hungarian on the contingency table),
+    is not its label: name, label, matched label, library size and its percentile among all cells; given the
+    clusters' probabilities (cells x K), also how many nats the chosen cluster's log-probability is above that
+    of the cluster matched to the cell's label."""
+    labels = adata.obs["label"].to_numpy().astype(str)
+    match = matched_labels(labels, predicted)
+    cluster_of = {label: cluster for cluster, label in match.items()}
+    placed = np.array([match.get(c, "(unmatched)") for c in predicted])
+    library = np.asarray(adata.X.sum(axis=1)).ravel()
+    percentile = 100.0 * library.argsort().argsort() / max(len(library) - 1, 1)
+    lines = []
+    for i in np.flatnonzero(placed != labels):
+        line = (f"# misplaced by {what}: {adata.obs_names[i]} {labels[i]} -> {placed[i]}, library {library[i]:.0f} "
+                f"(percentile {percentile[i]:.0f}; median {np.median(library):.0f})")
+        if probabilities is not None and labels[i] in cluster_of:
+            log_p = np.log(np.maximum(probabilities[i], np.finfo(np.float64).tiny))
+            line += f", log-probability {log_p[predicted[i]] - log_p[cluster_of[labels[i]]]:.1f} nats above its label's"
+        lines.append(line)
+    return lines
+
+
 def baselines(adata, seed: int, scvi: bool, max_epochs: int | None, threads: int) -> dict:
     """k-means on PCA of log-normalised counts, and on scVI's latent (when asked and installed)."""
     from scvae_torch import peers
@@ -125,8 +163,8 @@ def baselines(adata, seed: int, scvi: bool, max_epochs: int | None, threads: int
     return row
 
 
-def run(adata, variant: str, seed: int, max_epochs: int | None) -> dict:
-    """Train one variant on one seed; its scores."""
+def run(adata, variant: str, seed: int, max_epochs: int | None, report_misplaced: bool = False) -> dict:
+    """Train one variant on one seed; its scores (and, report_misplaced, the misplaced cells printed)."""
     from scvae_torch import SCVAE
     from scvae_torch.evaluation import kmeans_labels
 
@@ -145,10 +183,22 @@ def run(adata, variant: str, seed: int, max_epochs: int | None) -> dict:
            "restarts": " ".join(f"{r['epoch']}:{r['agreement']:.3f}:{'restarted' if r['restarted'] else 'kept'}"
                                 for r in m.metrics.get("mixture_restarts", []))}
     z = m.get_latent_representation()
-    row.update(scores(labels, kmeans_labels(np.asarray(z, dtype=np.float64), k, seed), "latent_kmeans"))
+    clusterings = {"latent_kmeans": (kmeans_labels(np.asarray(z, dtype=np.float64), k, seed), None)}
     if model == "gmvae":  # the clusters as the model reads them (cluster_posterior), and the encoder's q(y|x)
-        row.update(scores(labels, m.predict_clusters(), "clusters"))
-        row.update(scores(labels, m.predict_clusters(posterior="encoder"), "encoder_clusters"))
+        for what, posterior in (("clusters", None), ("encoder_clusters", "encoder")):
+            probabilities = m.get_cluster_probabilities(posterior=posterior)
+            clusterings[what] = (probabilities.argmax(1), probabilities)
+    for what, (predicted, probabilities) in clusterings.items():
+        row.update(scores(labels, predicted, what))
+        if report_misplaced:
+            for line in misplaced(adata, np.asarray(predicted), f"{variant} seed {seed} {what}", probabilities):
+                print(line, flush=True)
+    if report_misplaced and model == "gmvae":  # how broad each component is (a broad one takes the outliers)
+        variance = np.exp(m.module.prior_logvar.detach().double().cpu().numpy().mean(1))
+        match = matched_labels(labels.astype(str), clusterings["clusters"][0])
+        print(f"# p(z|y) variance of {variant} seed {seed}, geometric mean over the latent: "
+              + (f"shared {variance[0]:.3f}" if len(variance) == 1 else
+                 ", ".join(f"{match.get(y, y)} {v:.3f}" for y, v in enumerate(variance))), flush=True)
     return row
 
 
@@ -164,6 +214,8 @@ def main() -> None:
     p.add_argument("--scvi", action="store_true", help="also k-means on scVI's latent (needs scvi-tools)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="also append the rows to this TSV")
+    p.add_argument("--misplaced", action="store_true",
+                   help="print each clustering's misplaced cells with their library sizes")
     args = p.parse_args()
 
     import pandas as pd
@@ -178,7 +230,7 @@ def main() -> None:
             base = {"dataset": name, "cells": adata.n_obs, "genes": adata.n_vars, "K": adata.obs["label"].nunique(),
                     "seed": seed, **baselines(adata, seed, args.scvi, args.max_epochs, args.threads)}
             for variant in args.variants.split(","):
-                row = {**base, "variant": variant, **run(adata.copy(), variant, seed, args.max_epochs)}
+                row = {**base, "variant": variant, **run(adata.copy(), variant, seed, args.max_epochs, args.misplaced)}
                 rows.append(row)
                 print("\t".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                       flush=True)

@@ -27,6 +27,7 @@ from .config import (
     LIKELIHOODS,
     MODELS,
     PRECISIONS,
+    PRIOR_Z_VARIANCES,
     PRIORS_Y,
     SIMULATIONS,
     STREAM_ABOVE_GB,
@@ -318,6 +319,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cluster-posterior", default=m.cluster_posterior,
                    help=f"GMVAE clusters: {one_of(CLUSTER_POSTERIORS)} (elbo: the q*(y|x) that maximises the ELBO "
                         "given the trained model; encoder: its q(y|x), scVAE's)")
+    p.add_argument("--prior-z-variance", default=m.prior_z_variance,
+                   help=f"GMVAE p(z|y): {one_of(PRIOR_Z_VARIANCES)} (component: each its own diagonal variance, "
+                        "scVAE's; shared: one for every component)")
     p.add_argument("--free-nats", type=float, default=m.free_nats, help="free nats for the KL terms")
     p.add_argument("--epochs", type=int, default=t.epochs,
                    help="most epochs (a resumed run continues up to this); default: from the number of cells, "
@@ -361,7 +365,8 @@ def _model_train_configs(args: argparse.Namespace) -> tuple[dict, object]:
     model = {k: getattr(args, k) for k in ("model", "likelihood", "encoder", "decoder", "latent", "components",
                                            "dispersion", "dropout", "batch_norm", "log1p_input", "normalise_input",
                                            "library_size",
-                                           "y_regularisation", "prior_y", "cluster_posterior", "free_nats",
+                                           "y_regularisation", "prior_y", "cluster_posterior", "prior_z_variance",
+                                           "free_nats",
                                            "batch_encoder")}
     if args.batch_encoder and not args.batch:
         raise UsageError("--batch-encoder needs --batch")

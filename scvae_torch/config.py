@@ -12,6 +12,7 @@ DISPERSIONS: tuple[str, ...] = ("gene", "gene-cell", "gene-batch")
 Y_REGULARISATIONS: tuple[str, ...] = ("kl", "none", "supervised")
 PRIORS_Y: tuple[str, ...] = ("uniform", "learned")  # GMVAE mixture weights p(y)
 CLUSTER_POSTERIORS: tuple[str, ...] = ("elbo", "encoder")  # GMVAE clusters: ELBO-optimal q*(y|x), or q(y|x)
+PRIOR_Z_VARIANCES: tuple[str, ...] = ("component", "shared")  # GMVAE p(z|y): own diagonal variance, or one for all
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
 STREAMING: tuple[str, ...] = ("auto", "on", "off")
@@ -59,6 +60,7 @@ class ModelConfig:
     y_regularisation: str = "kl"
     prior_y: str = "learned"  # GMVAE mixture weights p(y): learned, or uniform (scVAE's default)
     cluster_posterior: str = "elbo"  # GMVAE clusters from q*(y|x) (docs/clustering.md), or the encoder's q(y|x)
+    prior_z_variance: str = "component"  # GMVAE p(z|y) = N(mu_y, diag var_y), or one var shared by every y
     free_nats: float = 0.0
     batches: list[str] = field(default_factory=list)  # batch covariate's categories (code = position); [] = none
     batch_encoder: bool = False  # the encoders see the batch too (the decoder always does when there is one)
@@ -78,6 +80,8 @@ class ModelConfig:
             (self.prior_y in PRIORS_Y, f"unknown prior_y {self.prior_y!r} (choose from {', '.join(PRIORS_Y)})"),
             (self.cluster_posterior in CLUSTER_POSTERIORS, f"unknown cluster_posterior {self.cluster_posterior!r} "
                                                            f"(choose from {', '.join(CLUSTER_POSTERIORS)})"),
+            (self.prior_z_variance in PRIOR_Z_VARIANCES, f"unknown prior_z_variance {self.prior_z_variance!r} "
+                                                         f"(choose from {', '.join(PRIOR_Z_VARIANCES)})"),
             (self.n_features >= 1, f"n_features must be >= 1, got {self.n_features}"),
             (self.latent >= 1, f"latent size must be >= 1, got {self.latent}"),
             (all(s >= 1 for s in self.encoder + self.decoder), "hidden layer sizes must be >= 1"),

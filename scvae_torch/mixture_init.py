@@ -83,6 +83,9 @@ def _start_mixture(model: GMVAE, source, rows: np.ndarray, labels: np.ndarray, Z
         means[k] = members.mean(0) if len(members) else Z.mean(0)
         if len(members) > 1:  # the members' aggregate posterior: Var(z) = Var(E[z|x]) + E[Var(z|x)]
             logvars[k] = np.log(members.var(0) + V[labels == k].mean(0) + 1e-4)
+    if model.cfg.prior_z_variance == "shared":  # the clusters' pooled variance: their variances weighted by size
+        weights = np.where(sizes > 1, sizes, 0)[:, None]  # clusters of one cell have no variance of their own
+        logvars = np.log((weights * np.exp(logvars)).sum(0) / max(weights.sum(), 1))[None, :]
     model.prior_mu.copy_(torch.as_tensor(means, dtype=model.prior_mu.dtype))
     model.prior_logvar.copy_(torch.as_tensor(logvars, dtype=model.prior_logvar.dtype))
     if model.cfg.prior_y == "learned":  # the clusters' shares, never below half a cell

@@ -310,10 +310,11 @@ class GMVAE(VAE):
         return MLP(cfg.encoder[0], cfg.encoder[1:], cfg.batch_norm, cfg.dropout)
 
     def _build_prior(self) -> None:
-        """p(z|y): on a one-hot input an MLP is a lookup table of per-component means and log-variances."""
+        """p(z|y): on a one-hot input an MLP is a lookup table of per-component means and log-variances (one
+        log-variance row for all components when prior_z_variance is "shared")."""
         K, L = self.cfg.components, self.cfg.latent
         self.prior_mu = nn.Parameter(torch.randn(K, L))
-        self.prior_logvar = nn.Parameter(torch.zeros(K, L))
+        self.prior_logvar = nn.Parameter(torch.zeros(K if self.cfg.prior_z_variance == "component" else 1, L))
         if self.cfg.prior_y == "learned":  # mixture weights p(y) = softmax(logits), learned with the rest
             self.prior_y_logits = nn.Parameter(torch.zeros(K))
 
@@ -388,7 +389,8 @@ class GMVAE(VAE):
         return mu + _normal(mu, generator) * (0.5 * logvar).exp()
 
     def _prior(self) -> tuple[Tensor, Tensor]:
-        return self.prior_mu, self.prior_logvar.clamp(*LOG_VAR_BOUNDS)
+        """Mean and log-variance of each p(z|y), shape (K, L) both."""
+        return self.prior_mu, self.prior_logvar.clamp(*LOG_VAR_BOUNDS).expand_as(self.prior_mu)
 
     def _log_px_per_component(self, x: Tensor, z: Tensor, counts: Tensor | None = None,
                               batch: Tensor | None = None) -> Tensor:

@@ -170,6 +170,7 @@ SCHEMA_ENUMS = {
     ("properties", "model", "properties", "y_regularisation"): library.Y_REGULARISATIONS,
     ("properties", "model", "properties", "prior_y"): library.PRIORS_Y,
     ("properties", "model", "properties", "cluster_posterior"): library.CLUSTER_POSTERIORS,
+    ("properties", "model", "properties", "prior_z_variance"): library.PRIOR_Z_VARIANCES,
     ("properties", "training", "properties", "device"): library.DEVICES,
     ("properties", "training", "properties", "precision"): library.PRECISIONS,
     ("properties", "training", "properties", "stream"): library.STREAMING,

@@ -75,14 +75,16 @@ def test_initialisation_restarts_keep_the_one_with_the_best_validation_elbo():
     assert shares.min() > 0 and abs(shares.sum() - 1) < 1e-6
 
 
-def test_initial_mixture_components_match_their_cells_aggregate_posterior():
+@pytest.mark.parametrize("prior_z_variance", ["component", "shared"])
+def test_initial_mixture_components_match_their_cells_aggregate_posterior(prior_z_variance):
     """p(z|y=k) after the k-means start has the mean and variance of z drawn from its cells' q(z|x) (law of total
-    variance: the spread of the means plus the mean posterior variance), checked against a Monte-Carlo sample."""
+    variance: the spread of the means plus the mean posterior variance), checked against a Monte-Carlo sample;
+    with one shared variance, that of every draw around its own component's mean (the pooled variance)."""
     X, _ = _mixture(n=400, seed=2)
     rows = np.arange(X.shape[0])
     torch.manual_seed(0)
     model = GMVAE(ModelConfig(n_features=8, model="gmvae", likelihood="poisson", encoder=[16], decoder=[16],
-                              latent=3, components=3)).eval()
+                              latent=3, components=3, prior_z_variance=prior_z_variance)).eval()
     with torch.no_grad():  # q(z|x) as pre-training left it: the uniform mixture over y of q(z|x,y)
         mu, logvar = model.encode_z(torch.as_tensor(X.toarray()).to_sparse_csr(), None)
     init_mixture_prior(model, X, rows, torch.device("cpu"), seed=0)
@@ -99,7 +101,12 @@ def test_initial_mixture_components_match_their_cells_aggregate_posterior():
         members = z[labels == k].reshape(-1, 3)
         assert len(members) > 50 * draws
         torch.testing.assert_close(members.mean(0), prior_mu[k], atol=0.02, rtol=0)
-        torch.testing.assert_close(members.var(0), prior_var[k], rtol=0.03, atol=0)
+        if prior_z_variance == "component":
+            torch.testing.assert_close(members.var(0), prior_var[k], rtol=0.03, atol=0)
+    if prior_z_variance == "shared":
+        assert prior_var.shape == (1, 3)
+        pooled = ((z - prior_mu[labels][:, None, :]) ** 2).reshape(-1, 3).mean(0)
+        torch.testing.assert_close(pooled, prior_var[0], rtol=0.03, atol=0)
 
 
 def _trained_gmvae(tmp_path, X, **train):

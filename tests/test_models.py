@@ -43,12 +43,18 @@ def _log_py(model):
     return Categorical(logits=logits.double()).logits
 
 
+def _prior_logvar_row(model, y):
+    """log-variance of p(z|y) read from the parameter itself: row y, or the one shared row."""
+    return model.prior_logvar[y if model.cfg.prior_z_variance == "component" else 0]
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("prior_y", ["uniform", "learned"])
-def test_gmvae_kl_terms_against_brute_force_monte_carlo(prior_y):
+@pytest.mark.parametrize("prior_y,prior_z_variance", [("uniform", "component"), ("learned", "component"),
+                                                      ("learned", "shared")])
+def test_gmvae_kl_terms_against_brute_force_monte_carlo(prior_y, prior_z_variance):
     torch.manual_seed(0)
     cfg = ModelConfig(n_features=12, model="gmvae", likelihood="poisson", encoder=[16], decoder=[16], latent=2,
-                      components=4, prior_y=prior_y)
+                      components=4, prior_y=prior_y, prior_z_variance=prior_z_variance)
     model = GMVAE(cfg).double().eval()
     model.prior_logvar.normal_(0, 0.5)
     if prior_y == "learned":
@@ -59,13 +65,12 @@ def test_gmvae_kl_terms_against_brute_force_monte_carlo(prior_y):
     S = 200_000
     log_qy = model.y_log_probs(x)
     mu, logvar = model.encode_z(x)
-    p_mu, p_logvar = model.prior_mu, model.prior_logvar
     gen = torch.Generator().manual_seed(5)
     for i in range(x.shape[0]):
         y = torch.multinomial(log_qy[i].exp(), S, replacement=True, generator=gen)
         z = mu[i, y] + torch.randn(S, cfg.latent, generator=gen, dtype=torch.float64) * (0.5 * logvar[i, y]).exp()
         log_q = gaussian_log_prob(z, mu[i, y], logvar[i, y])
-        log_p = gaussian_log_prob(z, p_mu[y], p_logvar[y])
+        log_p = gaussian_log_prob(z, model.prior_mu[y], _prior_logvar_row(model, y))
         sample = log_q - log_p
         se = sample.std() / math.sqrt(S)
         assert abs(sample.mean() - out["kl_z"][i]) < 5 * se + 1e-9
@@ -76,13 +81,15 @@ def test_gmvae_kl_terms_against_brute_force_monte_carlo(prior_y):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("prior_y", ["uniform", "learned"])
-def test_gmvae_elbo_equals_sampled_y_monte_carlo_elbo(prior_y):
+@pytest.mark.parametrize("prior_y,prior_z_variance", [("uniform", "component"), ("learned", "component"),
+                                                      ("learned", "shared")])
+def test_gmvae_elbo_equals_sampled_y_monte_carlo_elbo(prior_y, prior_z_variance):
     """Summing over y exactly must agree with the textbook ELBO estimated by sampling y and z."""
     torch.manual_seed(3)
     cfg = ModelConfig(n_features=6, model="gmvae", likelihood="nb", encoder=[8], decoder=[8], latent=2, components=3,
-                      prior_y=prior_y)
+                      prior_y=prior_y, prior_z_variance=prior_z_variance)
     model = GMVAE(cfg).double().eval()
+    model.prior_logvar.normal_(0, 0.5)
     if prior_y == "learned":
         model.prior_y_logits.normal_(0, 1.0)
     log_py = _log_py(model)
@@ -98,20 +105,21 @@ def test_gmvae_elbo_equals_sampled_y_monte_carlo_elbo(prior_y):
         z = mu[i, y] + torch.randn(S, cfg.latent, generator=gen, dtype=torch.float64) * (0.5 * logvar[i, y]).exp()
         params = model.decode(z, x[i].expand(S, -1))
         log_px = D.log_prob("nb", x[i].expand(S, -1), params).sum(-1)
-        terms = (log_px + gaussian_log_prob(z, model.prior_mu[y], model.prior_logvar[y]) + log_py[y]
+        terms = (log_px + gaussian_log_prob(z, model.prior_mu[y], _prior_logvar_row(model, y)) + log_py[y]
                  - log_qy[i, y] - gaussian_log_prob(z, mu[i, y], logvar[i, y]))
         se = math.sqrt(terms.var() / S + exact[:, i].var() / exact.shape[0])
         assert abs(terms.mean() - exact_mean[i]) < 5 * se
 
 
-@pytest.mark.parametrize("model_name", ["vae", "gmvae", "gmvae-learned"])
+@pytest.mark.parametrize("model_name", ["vae", "gmvae", "gmvae-learned", "gmvae-shared"])
 @pytest.mark.parametrize("likelihood,dispersion", [("poisson", "gene"), ("nb", "gene"), ("nb", "gene-cell"),
                                                    ("zip", "gene"), ("zinb", "gene-cell")])
 def test_gradients_reach_every_parameter(model_name, likelihood, dispersion):
     torch.manual_seed(0)
     model = build_model(dict(n_features=12, model=model_name.split("-")[0], likelihood=likelihood,
                              dispersion=dispersion, encoder=[16, 8], decoder=[8, 16], latent=3, components=3,
-                             prior_y="learned" if model_name.endswith("learned") else "uniform"))
+                             prior_y="learned" if model_name.endswith("learned") else "uniform",
+                             prior_z_variance="shared" if model_name.endswith("shared") else "component"))
     model.train()
     out = model(_counts())
     out["loss"].backward()
