@@ -13,7 +13,8 @@ the seeded 81/9/10 split and prints one row: the GMVAE's own clusters (as its cl
 argmax of the encoder's q(y|x) as encoder_clusters) and k-means (k = K) on its latent, as ARI and AMI on all
 cells; the best validation ELBO and the test ELBO per cell; epochs and seconds. --misplaced also prints, for
 each clustering, the cells it places apart from their label (clusters matched to labels one to one), with their
-library sizes and where those rank among all cells' (a shallow cell has little evidence of its type).
+library sizes and where those rank among all cells' (a shallow cell has little evidence of its type), how many
+nats the chosen cluster's log-probability is above the label's, and each p(z|y)'s variance.
 Nothing here looks at the labels but the scores: initialisations are chosen by validation ELBO.
 
 Variants: a model (vae | gmvae) and options joined by "+":
