@@ -28,6 +28,7 @@ Variants: a model (vae | gmvae) and options joined by "+":
   dropN     dropout N % in the hidden layers
   preN      pretrain_epochs=N: N epochs of VAE pre-training before the mixture prior is set
   epN       at most N epochs for this variant (--max-epochs caps every model, scVI's too)
+  bsN       batch_size=N: minibatches of N cells
   kwN       kl_warmup=N: the KL terms' weight rises linearly from 0 to 1 over the first N epochs
   qenc      cluster_posterior="encoder": clusters from the encoder's q(y|x) (default: the ELBO-optimal q*(y|x))
   defaults  nothing changed (the library's defaults, whatever they are)
@@ -96,6 +97,8 @@ def options(variant: str) -> tuple[str, dict, dict]:
             train_opts["pretrain_epochs"] = int(part[3:])
         elif part.startswith("ep") and part[2:].isdigit():
             train_opts["max_epochs"] = int(part[2:])
+        elif part.startswith("bs") and part[2:].isdigit():
+            train_opts["batch_size"] = int(part[2:])
         elif part.startswith("kw") and part[2:].isdigit():
             train_opts["kl_warmup"] = int(part[2:])
         elif part.startswith("mr") and part[2:].isdigit():

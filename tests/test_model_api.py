@@ -16,7 +16,7 @@ import torch
 
 from scvae_torch import SCVAE, simulate
 from scvae_torch import distributions as D
-from scvae_torch.config import MAX_EPOCHS, TrainConfig, default_epochs
+from scvae_torch.config import MAX_EPOCHS, TrainConfig, default_batch_size, default_epochs
 from scvae_torch.data import DataError
 from scvae_torch.training import fit, load_checkpoint
 
@@ -99,6 +99,7 @@ def test_train_writes_latent_and_clusters_into_the_anndata(trained):
     assert isinstance(model.history, pd.DataFrame) and len(model.history) == 4
     sizes = [len(model.train_indices), len(model.validation_indices), len(model.test_indices)]
     assert sizes == [270, 30, 0]
+    assert model.train_config.batch_size == 32  # 300 cells: the small-set minibatch (default_batch_size)
 
 
 def test_vae_has_no_clusters():
@@ -207,6 +208,15 @@ def test_epochs_come_from_the_number_of_cells():
     assert (tc.epochs, tc.pretrain_epochs) == (400, 20)
     assert TrainConfig().resolved(2_000, "vae").pretrain_epochs == 0
     assert TrainConfig(epochs=12).resolved(2_000, "gmvae").pretrain_epochs == 4
+
+
+def test_minibatch_size_comes_from_the_number_of_cells():
+    """100 cells per minibatch from 1,000 cells up, 32 below (docs/defaults.md); a given size is kept."""
+    assert default_batch_size(1_000) == default_batch_size(10**6) == 100
+    assert default_batch_size(999) == default_batch_size(240) == default_batch_size(1) == 32
+    assert TrainConfig().resolved(240, "vae").batch_size == 32
+    assert TrainConfig().resolved(2_000, "gmvae").batch_size == 100
+    assert TrainConfig(batch_size=7).resolved(240, "vae").batch_size == 7
 
 
 def _noisy(n=200, g=15, seed=0):

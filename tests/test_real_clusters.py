@@ -1,8 +1,8 @@
 """Issue 13's acceptance on a shared real set: with the defaults only, the GMVAE's own clusters of
 cellbench_celseq2_3cl's 240 singlets (three lung cancer cell lines, CEL-seq2) are at least as good as k-means on
 PCA of log-normalised counts and on its own latent. Labels are only scored, never used to train or choose
-(docs/clustering.md: 1.000 / 0.987 / 1.000 on seeds 0 / 1 / 2 against 1.000 for both baselines, so only seed 0
-is asserted; it read 0.989 on seed 0 when the 34 demuxlet doublets were scored too)."""
+(docs/clustering.md: 1.000 on seeds 0 / 1 / 2 against 1.000 for both baselines since minibatches of 32 below
+1,000 cells; with 100 seed 1 read 0.987, one shallow cell in the broadest component)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from shared_sets import load_shared  # noqa: E402
 
 pytestmark = pytest.mark.slow
-SEED = 0
 
 
 def _ari(labels: np.ndarray, predicted: np.ndarray) -> float:
@@ -33,11 +32,12 @@ def _celseq2():
     return adata, adata.obs["label"].to_numpy(), adata.obs["label"].nunique()
 
 
-def test_gmvae_clusters_match_pca_and_its_own_latent_on_celseq2():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gmvae_clusters_match_pca_and_its_own_latent_on_celseq2(seed):
     adata, labels, k = _celseq2()
     model = SCVAE(adata, model="gmvae", components=k)
-    model.train(train_size=0.81, validation_size=0.09, seed=SEED)
+    model.train(train_size=0.81, validation_size=0.09, seed=seed)
     own = _ari(labels, model.predict_clusters())
-    latent = _ari(labels, kmeans_labels(np.asarray(model.get_latent_representation(), np.float64), k, SEED))
-    pca = _ari(labels, peers.scanpy_route(adata.X, k, seed=SEED, leiden=False)["kmeans"])
+    latent = _ari(labels, kmeans_labels(np.asarray(model.get_latent_representation(), np.float64), k, seed))
+    pca = _ari(labels, peers.scanpy_route(adata.X, k, seed=seed, leiden=False)["kmeans"])
     assert own >= 0.95 and own >= pca and own >= latent, (own, pca, latent)

@@ -174,7 +174,7 @@ def test_library_settings_check_covers_every_field_but_the_resumable_ones():
     from scvae_torch.provenance import RESUMABLE_SETTINGS, check_resume_settings
     from scvae_torch.training import TrainingError
 
-    base = TrainConfig(epochs=5, pretrain_epochs=1)  # the data-dependent defaults (None) given a value
+    base = TrainConfig(epochs=5, batch_size=100, pretrain_epochs=1)  # the data-dependent defaults (None) given a value
     n = 0
     for f in fields(TrainConfig):
         value = getattr(base, f.name)
