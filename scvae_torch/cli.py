@@ -331,7 +331,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=t.patience,
                    help="early stopping: epochs without a better validation ELBO before training stops")
     p.add_argument("--batch-size", type=int, default=t.batch_size,
-                   help="cells per minibatch; default: 100, or 32 below 1,000 cells")
+                   help="cells per minibatch; default: 100, or 16 below 1,000 cells")
     p.add_argument("--lr", type=float, default=t.lr, help="Adam learning rate")
     p.add_argument("--weight-decay", type=float, default=t.weight_decay, help="Adam weight decay")
     p.add_argument("--kl-warmup", type=int, default=t.kl_warmup, help="epochs of linear KL warm-up (0: none)")

@@ -99,7 +99,7 @@ def test_train_writes_latent_and_clusters_into_the_anndata(trained):
     assert isinstance(model.history, pd.DataFrame) and len(model.history) == 4
     sizes = [len(model.train_indices), len(model.validation_indices), len(model.test_indices)]
     assert sizes == [270, 30, 0]
-    assert model.train_config.batch_size == 32  # 300 cells: the small-set minibatch (default_batch_size)
+    assert model.train_config.batch_size == 16  # 300 cells: the small-set minibatch (default_batch_size)
 
 
 def test_vae_has_no_clusters():
@@ -211,10 +211,10 @@ def test_epochs_come_from_the_number_of_cells():
 
 
 def test_minibatch_size_comes_from_the_number_of_cells():
-    """100 cells per minibatch from 1,000 cells up, 32 below (docs/defaults.md); a given size is kept."""
+    """100 cells per minibatch from 1,000 cells up, 16 below (docs/defaults.md); a given size is kept."""
     assert default_batch_size(1_000) == default_batch_size(10**6) == 100
-    assert default_batch_size(999) == default_batch_size(240) == default_batch_size(1) == 32
-    assert TrainConfig().resolved(240, "vae").batch_size == 32
+    assert default_batch_size(999) == default_batch_size(240) == default_batch_size(1) == 16
+    assert TrainConfig().resolved(240, "vae").batch_size == 16
     assert TrainConfig().resolved(2_000, "gmvae").batch_size == 100
     assert TrainConfig(batch_size=7).resolved(240, "vae").batch_size == 7
 

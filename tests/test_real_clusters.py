@@ -1,7 +1,7 @@
 """Issue 13's acceptance on a shared real set: with the defaults only, the GMVAE's own clusters of
 cellbench_celseq2_3cl's 240 singlets (three lung cancer cell lines, CEL-seq2) are at least as good as k-means on
 PCA of log-normalised counts and on its own latent. Labels are only scored, never used to train or choose
-(docs/clustering.md: 1.000 on seeds 0 / 1 / 2 against 1.000 for both baselines since minibatches of 32 below
+(docs/clustering.md: 1.000 on seeds 0 / 1 / 2 against 1.000 for both baselines since minibatches of 16 below
 1,000 cells; with 100 seed 1 read 0.987, one shallow cell in the broadest component)."""
 
 from __future__ import annotations
