@@ -173,8 +173,8 @@ class TrainConfig:
 
 # Epochs when none are given: 400 passes over 20,000 cells' worth of cells, at most 400 epochs (scvi-tools'
 # rule); early stopping usually ends a run well before. Below 1,000 cells 400 epochs are too few minibatches to
-# converge, so a small set gets 400,000 cells' worth (4,000 minibatches of 100), at most 2,000 epochs: measured
-# in docs/defaults.md.
+# converge, so a small set gets 400,000 cells' worth (chosen with minibatches of 100; with the small-set minibatch
+# of 16 early stopping ends runs far sooner), at most 2,000 epochs: measured in docs/defaults.md.
 EPOCH_BUDGET_CELLS = 20_000 * 400
 MAX_EPOCHS = 400
 SMALL_SET_BUDGET_CELLS = 400_000
