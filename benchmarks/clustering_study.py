@@ -23,6 +23,7 @@ Variants: a model (vae | gmvae) and options joined by "+":
   learned   prior_y="learned": mixture weights p(y) learned (scVAE's "learn")
   sharedvar prior_z_variance="shared": one diagonal variance for every p(z|y) (compvar: each its own)
   rN        init_restarts=N: N k-means initialisations of p(z|y), the best validation ELBO kept
+  ldN       lr_drops=N: at early stopping, cut the learning rate tenfold and train on from best.pt, N times
   mrN       mixture_restarts=N: restarts of the trained mixture from k-means of its latent (0: none)
   latN      latent size N
   dropN     dropout N % in the hidden layers
@@ -101,6 +102,8 @@ def options(variant: str) -> tuple[str, dict, dict]:
             train_opts["batch_size"] = int(part[2:])
         elif part.startswith("kw") and part[2:].isdigit():
             train_opts["kl_warmup"] = int(part[2:])
+        elif part.startswith("ld") and part[2:].isdigit():
+            train_opts["lr_drops"] = int(part[2:])
         elif part.startswith("mr") and part[2:].isdigit():
             train_opts["mixture_restarts"] = int(part[2:])
         elif part.startswith("r") and part[1:].isdigit():

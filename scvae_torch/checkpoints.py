@@ -104,9 +104,9 @@ def stop_signals() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
-def restarted_at(restarts: list[dict]) -> int:
-    """The epoch of the last mixture restart (0: none)."""
-    return max([r["epoch"] for r in restarts if r["restarted"]], default=0)
+def restarted_at(restarts: list[dict], lr_drops: list[int] = ()) -> int:
+    """The epoch training last started over from: the last mixture restart or learning-rate drop (0: none)."""
+    return max([r["epoch"] for r in restarts if r["restarted"]] + list(lr_drops), default=0)
 
 
 def restart_epochs(tc: TrainConfig) -> int:
@@ -132,8 +132,8 @@ def _resume_state(out: Path, cfg: ModelConfig, model: VAE, optimiser: torch.opti
                   device: torch.device, tc: TrainConfig | None = None) -> dict:
     """Restore model, optimiser and RNG from out/checkpoint.pt (if damaged, checkpoint.prev.pt); else a fresh state."""
     fresh = {"epoch": 0, "batch": 0, "partial": {}, "history": [], "best_val_elbo": -math.inf, "best_epoch": 0,
-             "restarts": []}
-    optional = {"restarts"}  # fields a checkpoint older than them lacks
+             "restarts": [], "lr_drops": []}
+    optional = {"restarts", "lr_drops"}  # fields a checkpoint older than them lacks
     for stale in out.glob(".*.tmp[0-9]*"):  # temporary files of a killed run (we hold the folder's lock)
         stale.unlink(missing_ok=True)
     path = out / CHECKPOINT
@@ -174,7 +174,7 @@ def _resume_state(out: Path, cfg: ModelConfig, model: VAE, optimiser: torch.opti
 
 def _save(out: Path, model: VAE, optimiser: torch.optim.Optimizer, cfg: ModelConfig, tc: TrainConfig,
           epoch: int, batch: int, partial: dict, history: list[dict], best_val: float, best_epoch: int,
-          device: torch.device, restarts: list[dict] | None = None) -> Path:
+          device: torch.device, restarts: list[dict] | None = None, lr_drops: list[int] | None = None) -> Path:
     """Write the resumable checkpoint atomically, keeping the one before as checkpoint.prev.pt; returns its path.
 
     At every moment checkpoint.pt is a complete file (the old or the new one); a failed write (full disk)
@@ -186,7 +186,7 @@ def _save(out: Path, model: VAE, optimiser: torch.optim.Optimizer, cfg: ModelCon
         "model_state": model.state_dict(), "optimizer_state": optimiser.state_dict(),
         "epoch": epoch, "batch": batch, "partial": dict(partial), "history": list(history),
         "best_val_elbo": best_val, "best_epoch": best_epoch, "rng": _rng_state(device),
-        "restarts": list(restarts or []),
+        "restarts": list(restarts or []), "lr_drops": list(lr_drops or []),
     }
 
     def rotate() -> None:

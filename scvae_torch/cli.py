@@ -343,6 +343,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mixture-restarts", type=int, default=t.mixture_restarts,
                    help="GMVAE: at early stopping, restart the mixture from k-means of its latent where they disagree "
                         "(kept only by a better validation ELBO); 0: never")
+    p.add_argument("--lr-drops", type=int, default=t.lr_drops,
+                   help="at early stopping, cut the learning rate tenfold and train on from the best weights, "
+                        "this many times; 0: stop at once")
     p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every, help="epochs between checkpoints")
     p.add_argument("--seed", type=int, default=t.seed, help="random seed (split, initialisation, minibatches)")
     p.add_argument("--device", default=t.device, help=f"{one_of(DEVICES)} (auto: CUDA when available)")
@@ -378,7 +381,7 @@ def _model_train_configs(args: argparse.Namespace) -> tuple[dict, object]:
                             weight_decay=args.weight_decay, kl_warmup=args.kl_warmup, seed=args.seed,
                             device=args.device, checkpoint_every=args.checkpoint_every,
                             pretrain_epochs=args.pretrain_epochs, init_restarts=args.init_restarts,
-                            mixture_restarts=args.mixture_restarts,
+                            mixture_restarts=args.mixture_restarts, lr_drops=args.lr_drops,
                             early_stopping=args.early_stopping,
                             patience=args.patience, threads=args.threads, precision=args.precision,
                             compile=args.compile, stream=args.stream, stream_above_gb=args.stream_above_gb)

@@ -21,6 +21,7 @@ SIMULATIONS: tuple[str, ...] = ("poisson-check", "gmvae-mixture", "single-cell")
 SUBSETS: tuple[str, ...] = ("train", "validation", "test")
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.81, 0.09, 0.10)  # of the cells in train, validation, test
 STREAM_ABOVE_GB = 4.0  # in-memory size (GiB) of the counts above which `prepare` and training go block by block
+LR_DROP_FACTOR = 0.1  # TrainConfig.lr_drops: each cut multiplies the learning rate by this
 IW_SAMPLES = 100  # importance samples for the test log-likelihood
 DECODE_SAMPLES = 20  # draws z ~ q(z|x) per cell averaged for the decoded feature means (evaluation)
 
@@ -125,6 +126,7 @@ class TrainConfig:
     pretrain_epochs: int | None = None  # GMVAE: epochs as a plain VAE before p(z|y) is set by k-means (None: auto)
     init_restarts: int = 1      # GMVAE: k-means initialisations of p(z|y) tried; the best validation ELBO is kept
     mixture_restarts: int = 1   # GMVAE: restarts of the trained mixture from k-means of its latent (docs/clustering.md)
+    lr_drops: int = 0           # at early stopping, cut the learning rate (x LR_DROP_FACTOR) and train on this often
     early_stopping: bool = True  # stop when the validation ELBO has not improved for `patience` epochs
     patience: int = 30          # epochs without a better validation ELBO before early stopping
     iw_samples: int = 0         # importance samples for the validation log-likelihood each epoch (0 = off)
@@ -147,6 +149,7 @@ class TrainConfig:
              f"pretrain_epochs must be >= 0, got {self.pretrain_epochs}"),
             (self.init_restarts >= 1, f"init_restarts must be >= 1, got {self.init_restarts}"),
             (self.mixture_restarts >= 0, f"mixture_restarts must be >= 0, got {self.mixture_restarts}"),
+            (self.lr_drops >= 0, f"lr_drops must be >= 0, got {self.lr_drops}"),
             (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
             (self.precision in PRECISIONS, f"precision must be float32 or bfloat16, got {self.precision!r}"),

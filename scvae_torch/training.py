@@ -48,7 +48,7 @@ from .checkpoints import (  # noqa: F401
     restarted_at,
     stop_signals,
 )
-from .config import ModelConfig, TrainConfig
+from .config import LR_DROP_FACTOR, ModelConfig, TrainConfig
 from .distributions import wide_dtype
 from .io.atomic import torch_save, write_text
 from .mixture_init import RESTART_AGREEMENT, init_mixture_prior, restart_mixture  # noqa: F401
@@ -148,9 +148,10 @@ def evaluate_terms(model: VAE, X: sp.csr_matrix | Source, rows: np.ndarray, devi
     return result
 
 
-def adam(model: VAE, tc: TrainConfig) -> torch.optim.Adam:
-    """Adam over the model's parameters; the fused (one-kernel) implementation where the device has it."""
-    kwargs = dict(lr=tc.lr, weight_decay=tc.weight_decay)
+def adam(model: VAE, tc: TrainConfig, lr_drops: int = 0) -> torch.optim.Adam:
+    """Adam over the model's parameters at tc's learning rate cut `lr_drops` times (lr_drop_due); the fused
+    (one-kernel) implementation where the device has it."""
+    kwargs = dict(lr=tc.lr * LR_DROP_FACTOR ** lr_drops, weight_decay=tc.weight_decay)
     try:
         return torch.optim.Adam(model.parameters(), fused=True, **kwargs)
     except (RuntimeError, TypeError):  # no fused kernel for this device or dtype
@@ -226,6 +227,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
         epoch, batch0 = state["epoch"], state["batch"]
         history, best_val, best_epoch = state["history"], state["best_val_elbo"], state["best_epoch"]
         restarts = state["restarts"]  # the trained mixture's restart checks (restart_mixture), in order
+        drops = state["lr_drops"]  # epochs at which the learning rate was cut (lr_drop_due), in order
         partial, sums = state["partial"], None  # sums: this run's part of the epoch's TERMS sums, on the device
         if epoch or batch0:
             log.info("resuming %s from epoch %d, minibatch %d", out, epoch, batch0)
@@ -238,13 +240,24 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
         started = time.perf_counter()
         epochs_run = 0
         while epoch < tc.epochs:
-            stopped = stops_early(tc, epoch, best_epoch, len(val_idx), restarted_at(restarts))
+            stopped = stops_early(tc, epoch, best_epoch, len(val_idx), restarted_at(restarts, drops))
             if restart_due(model, tc, epoch, best_epoch, restarts, stopped):
                 restarts.append(_restart(model, out, source, train_idx, device, tc, codes, epoch))
                 if restarts[-1]["restarted"]:  # Adam's moments belong to the mixture left behind
-                    optimiser = adam(model, tc)
+                    optimiser = adam(model, tc, len(drops))
                     stopped = False
-                _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device, restarts)
+                _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device, restarts,
+                      drops)
+            if lr_drop_due(tc, stopped, drops):
+                drops.append(epoch)
+                model.load_state_dict(load_checkpoint(out / BEST, device)["model_state"])
+                optimiser = adam(model, tc, len(drops))  # fresh moments: the old ones belong to the last weights
+                stopped = False
+                log.info("epoch %d: validation ELBO on a plateau since epoch %d: learning rate cut to %.3g, training "
+                         "on from best.pt (cut %d of %d)", epoch, best_epoch, optimiser.param_groups[0]["lr"],
+                         len(drops), tc.lr_drops)
+                _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device, restarts,
+                      drops)
             if stopped:
                 break
             t0 = time.perf_counter()
@@ -284,7 +297,7 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                 if received:
                     partial, sums = _add_sums(partial, sums, epoch, out), None
                     path = _save(out, model, optimiser, cfg, tc, epoch, b + 1, partial, history, best_val,
-                                 best_epoch, device, restarts)
+                                 best_epoch, device, restarts, drops)
                     raise TrainingInterrupted(received[0], path)
             batch0 = 0
             partial, sums = _add_sums(partial, sums, epoch, out), None
@@ -313,26 +326,27 @@ def fit(X: sp.csr_matrix | Source, train_idx: np.ndarray, val_idx: np.ndarray, m
                      train_terms["elbo"], val_elbo, weight, seconds)
             bar.update(1)
             bar.set_postfix(val_elbo=f"{val_elbo:.4g}")
-            stopping = stops_early(tc, epoch, best_epoch, len(val_idx), restarted_at(restarts))
-            if stopping:
+            stopping = stops_early(tc, epoch, best_epoch, len(val_idx), restarted_at(restarts, drops))
+            if stopping and not lr_drop_due(tc, stopping, drops):
                 log.info("early stopping after epoch %d: no better validation ELBO for %d epochs; best epoch %d "
                          "(best.pt)", epoch, tc.patience, best_epoch)
             if epoch % tc.checkpoint_every == 0 or epoch == tc.epochs or stopping:
-                _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device, restarts)
+                _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device, restarts,
+                      drops)
             if received:
                 path = _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device,
-                             restarts)
+                             restarts, drops)
                 raise TrainingInterrupted(received[0], path)
         bar.close()
         if not (out / CHECKPOINT).exists():
-            _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device, restarts)
+            _save(out, model, optimiser, cfg, tc, epoch, 0, {}, history, best_val, best_epoch, device, restarts, drops)
         elapsed = time.perf_counter() - started
         last = history[-1] if history else {}
         metrics = {
             **cfg.to_dict(), **{f"train_{k}": v for k, v in asdict(tc).items()},
             "epochs_trained": epoch, "best_epoch": best_epoch, "best_val_elbo": best_val,
-            "stopped_early": stops_early(tc, epoch, best_epoch, len(val_idx), restarted_at(restarts)),
-            "mixture_restarts": restarts,
+            "stopped_early": stops_early(tc, epoch, best_epoch, len(val_idx), restarted_at(restarts, drops)),
+            "mixture_restarts": restarts, "lr_drops": drops,
             "best_chosen_on": "validation" if len(val_idx) else "train",
             "final": {k: v for k, v in last.items()},
             "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
@@ -354,6 +368,12 @@ def stops_early(tc: TrainConfig, epoch: int, best_epoch: int, n_validation: int,
     """
     return (tc.early_stopping and n_validation > 0 and best_epoch > 0
             and epoch - max(best_epoch, since) >= tc.patience)
+
+
+def lr_drop_due(tc: TrainConfig, stopped: bool, drops: list[int]) -> bool:
+    """Whether the learning rate is cut (by LR_DROP_FACTOR, from best.pt's weights) instead of stopping early: at
+    most tc.lr_drops times, each when the validation ELBO has plateaued (stops_early) since the last cut."""
+    return stopped and len(drops) < tc.lr_drops
 
 
 def restart_due(model: VAE, tc: TrainConfig, epoch: int, best_epoch: int, restarts: list[dict],

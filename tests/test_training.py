@@ -3,6 +3,8 @@
 Kill -9, signals, the lock, damaged checkpoints and the non-finite guard: tests/reliability/test_training_faults.py."""
 
 import json
+import os
+import signal
 
 import numpy as np
 import pandas as pd
@@ -48,6 +50,72 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, model):
     ha = pd.read_csv(tmp_path / "a" / "history.tsv", sep="\t")
     hb = pd.read_csv(tmp_path / "b" / "history.tsv", sep="\t")
     pd.testing.assert_frame_equal(ha.drop(columns="seconds"), hb.drop(columns="seconds"))
+
+
+LR_DROPS = dict(batch_size=120, lr=1e-2, seed=1, patience=2, checkpoint_every=1)
+
+
+def _parameters(state):
+    """A model state's learned parameters (batch-norm running statistics move even at learning rate 0)."""
+    return {k: v for k, v in state.items() if "running_" not in k and "num_batches" not in k}
+
+
+def test_learning_rate_drops_come_at_plateaus_and_end_in_early_stopping(tmp_path):
+    """Each cut comes when the validation ELBO (history.tsv) has not beaten its best for `patience` epochs since the
+    last cut; the optimiser ends at lr x 0.1^drops; training stops `patience` epochs after the last cut's best."""
+    X, tr, va = _data()
+    metrics = fit(X, tr, va, MODEL, TrainConfig(epochs=300, lr_drops=2, **LR_DROPS), tmp_path)
+    h = pd.read_csv(tmp_path / "history.tsv", sep="\t")
+    drops = metrics["lr_drops"]
+    assert len(drops) == 2 and metrics["stopped_early"] and metrics["epochs_trained"] < 300
+    since = 0
+    for d in drops:  # epochs 1..d trained; the best of them is at least `patience` epochs old and after `since`
+        best = int(h["val_elbo"][:d].idxmax()) + 1
+        assert d - max(best, since) == 2, (d, best, since)
+        since = d
+    best = int(h["val_elbo"].idxmax()) + 1
+    assert metrics["best_epoch"] == best and metrics["epochs_trained"] - max(best, drops[-1]) == 2
+    lr = load_checkpoint(tmp_path / "checkpoint.pt")["optimizer_state"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(1e-4)
+    none = fit(X, tr, va, MODEL, TrainConfig(epochs=300, lr_drops=0, **LR_DROPS), tmp_path / "none")
+    assert none["lr_drops"] == [] and none["epochs_trained"] == drops[0]
+
+
+def test_a_learning_rate_drop_trains_on_from_best_and_resumes_exactly(tmp_path, monkeypatch):
+    """A cut restarts from best.pt's weights (with the rate cut to 0 the parameters stay best.pt's), and a run
+    stopped by a signal just after the cut resumes to the uninterrupted run's weights, history and cuts."""
+    X, tr, va = _data()
+    tc = TrainConfig(epochs=300, lr_drops=1, **LR_DROPS)
+    full = fit(X, tr, va, MODEL, tc, tmp_path / "a")
+    (drop,) = full["lr_drops"]
+
+    real = training.adam
+
+    def adam_then_signal(model, tc, lr_drops=0):  # SLURM's warning arrives just after the cut
+        if lr_drops:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(model, tc, lr_drops)
+
+    monkeypatch.setattr(training, "adam", adam_then_signal)
+    with pytest.raises(training.TrainingInterrupted):
+        fit(X, tr, va, MODEL, tc, tmp_path / "b")
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == drop
+    monkeypatch.setattr(training, "adam", real)
+    fit(X, tr, va, MODEL, tc, tmp_path / "b")
+    a, b = (load_checkpoint(tmp_path / r / "checkpoint.pt") for r in "ab")
+    _assert_same_weights(a["model_state"], b["model_state"])
+    assert a["lr_drops"] == b["lr_drops"] == [drop]
+    pd.testing.assert_frame_equal(*(pd.read_csv(tmp_path / r / "history.tsv", sep="\t").drop(columns="seconds")
+                                    for r in "ab"))
+
+    monkeypatch.setattr(training, "LR_DROP_FACTOR", 0.0)
+    frozen = fit(X, tr, va, MODEL, tc, tmp_path / "c")
+    assert frozen["lr_drops"] == [drop]  # the same run up to the cut
+    best_then = _parameters(load_checkpoint(tmp_path / "a" / "best.pt")["model_state"]) if full["best_epoch"] < drop \
+        else None
+    last = _parameters(_weights(tmp_path / "c"))
+    assert best_then is not None, "the uninterrupted run improved after its cut: pick data where it does not"
+    _assert_same_weights(best_then, last)
 
 
 def test_different_model_in_existing_folder_is_refused(tmp_path):
