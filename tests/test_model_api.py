@@ -184,6 +184,18 @@ def test_save_load_round_trip_gives_identical_outputs(trained, tmp_path):
         model.save(tmp_path / "m")
 
 
+def test_a_shared_variance_gmvae_saves_and_loads_exactly(tmp_path):
+    """prior_z_variance 'shared' (one p(z|y) variance for every y) survives save/load: same clusters and latent."""
+    adata = _adata(n=120)
+    model = SCVAE(adata, model="gmvae", components=3, prior_z_variance="shared", **SMALL)
+    model.train(max_epochs=3, seed=2)
+    model.save(tmp_path / "m")
+    loaded = SCVAE.load(tmp_path / "m", adata=adata)
+    assert loaded.module.cfg.prior_z_variance == "shared"
+    np.testing.assert_array_equal(loaded.get_cluster_probabilities(), model.get_cluster_probabilities())
+    np.testing.assert_array_equal(loaded.get_latent_representation(), model.get_latent_representation())
+
+
 def test_load_reorders_genes_by_name_and_refuses_other_genes(trained, tmp_path):
     adata, model = trained
     model.save(tmp_path / "m")
