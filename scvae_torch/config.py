@@ -126,7 +126,7 @@ class TrainConfig:
     pretrain_epochs: int | None = None  # GMVAE: epochs as a plain VAE before p(z|y) is set by k-means (None: auto)
     init_restarts: int = 1      # GMVAE: k-means initialisations of p(z|y) tried; the best validation ELBO is kept
     mixture_restarts: int = 1   # GMVAE: restarts of the trained mixture from k-means of its latent (docs/clustering.md)
-    lr_drops: int = 0           # at early stopping, cut the learning rate (x LR_DROP_FACTOR) and train on this often
+    lr_drops: int = 1           # at early stopping, cut the learning rate (x LR_DROP_FACTOR) and train on, this often
     early_stopping: bool = True  # stop when the validation ELBO has not improved for `patience` epochs
     patience: int = 30          # epochs without a better validation ELBO before early stopping
     iw_samples: int = 0         # importance samples for the validation log-likelihood each epoch (0 = off)
