@@ -364,7 +364,7 @@ def stops_early(tc: TrainConfig, epoch: int, best_epoch: int, n_validation: int,
 
     A function of the saved state only, so a resumed run stops exactly where an uninterrupted one did. Needs
     validation cells; counts from the first candidate for best.pt (a GMVAE's pre-training is never one), and
-    from `since` (the epoch of a mixture restart) when that is later.
+    from `since` (the epoch of a mixture restart or learning-rate cut) when that is later.
     """
     return (tc.early_stopping and n_validation > 0 and best_epoch > 0
             and epoch - max(best_epoch, since) >= tc.patience)
