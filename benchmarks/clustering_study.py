@@ -3,7 +3,7 @@
 Usage:
   SCVAE_SHARED_DATA=../shared/data python benchmarks/clustering_study.py [--sets hard-sim,cellbench_celseq2_3cl,...]
       [--variants gmvae,gmvae+lib,...] [--seeds 0,1,2] [--max-epochs N] [--scvi] [--threads 1] [--out FILE.tsv]
-      [--misplaced]
+      [--misplaced] [--posteriors]
 
 For each data set: the most informative --top-genes genes (binomial deviance; the simulation keeps all), the
 cells' labels (the CellBench sets: singlets only, plates ignored), K = the number of labels. Baselines, once per
@@ -14,7 +14,8 @@ argmax of the encoder's q(y|x) as encoder_clusters) and k-means (k = K) on its l
 cells; the best validation ELBO and the test ELBO per cell; epochs and seconds. --misplaced also prints, for
 each clustering, the cells it places apart from their label (clusters matched to labels one to one), with their
 library sizes and where those rank among all cells' (a shallow cell has little evidence of its type), how many
-nats the chosen cluster's log-probability is above the label's, and each p(z|y)'s variance.
+nats the chosen cluster's log-probability is above the label's, and each p(z|y)'s variance. --posteriors adds
+two readings of a GMVAE's clusters without the plug-in (sampled_component_scores) as mc_ and iw_clusters.
 Nothing here looks at the labels but the scores: initialisations are chosen by validation ELBO.
 
 Variants: a model (vae | gmvae) and options joined by "+":
@@ -170,8 +171,37 @@ def baselines(adata, seed: int, scvi: bool, max_epochs: int | None, threads: int
     return row
 
 
-def run(adata, variant: str, seed: int, max_epochs: int | None, report_misplaced: bool = False) -> dict:
-    """Train one variant on one seed; its scores (and, report_misplaced, the misplaced cells printed)."""
+def sampled_component_scores(module, X, samples: int = 20, seed: int = 0) -> dict:
+    """Two readings of a trained GMVAE's clusters other than the plug-in q*(y|x), as log-scores (cells x K):
+    "mc_clusters", log p(y) + E_q(z|x,y)[log p(x|z)] (from `samples` draws) - KL(q(z|x,y) || p(z|y)); and
+    "iw_clusters", log p(y) + the importance-weighted log p(x|y) from `samples` draws of q(z|x,y) per component."""
+    import math
+
+    import torch
+
+    from scvae_torch.models import gaussian_kl, gaussian_log_prob
+
+    x = torch.as_tensor(X.toarray(), dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        mu, logvar = module.encode_z(x)
+        p_mu, p_logvar = module._prior()
+        log_px, weights = [], []
+        for _ in range(samples):
+            z = mu + torch.randn(mu.shape, generator=generator) * (0.5 * logvar).exp()
+            log_px.append(module._log_px_per_component(x, z))
+            weights.append(log_px[-1] + gaussian_log_prob(z, p_mu[None], p_logvar[None])
+                           - gaussian_log_prob(z, mu, logvar))
+        log_py = module.log_prior_y()
+        mc = log_py + torch.stack(log_px).mean(0) - gaussian_kl(mu, logvar, p_mu[None], p_logvar[None])
+        iw = log_py + torch.logsumexp(torch.stack(weights), 0) - math.log(samples)
+    return {"mc_clusters": mc.double().numpy(), "iw_clusters": iw.double().numpy()}
+
+
+def run(adata, variant: str, seed: int, max_epochs: int | None, report_misplaced: bool = False,
+        posteriors: bool = False) -> dict:
+    """Train one variant on one seed; its scores (and, report_misplaced, the misplaced cells printed; posteriors,
+    a GMVAE's clusters read two more ways: sampled_component_scores)."""
     from scvae_torch import SCVAE
     from scvae_torch.evaluation import kmeans_labels
 
@@ -195,6 +225,10 @@ def run(adata, variant: str, seed: int, max_epochs: int | None, report_misplaced
         for what, posterior in (("clusters", None), ("encoder_clusters", "encoder")):
             probabilities = m.get_cluster_probabilities(posterior=posterior)
             clusterings[what] = (probabilities.argmax(1), probabilities)
+        if posteriors:
+            for what, log_scores in sampled_component_scores(m.module.cpu().eval(), adata.X, seed=seed).items():
+                probabilities = np.exp(log_scores - log_scores.max(1, keepdims=True))
+                clusterings[what] = (log_scores.argmax(1), probabilities / probabilities.sum(1, keepdims=True))
     for what, (predicted, probabilities) in clusterings.items():
         row.update(scores(labels, predicted, what))
         if report_misplaced:
@@ -221,6 +255,9 @@ def main() -> None:
     p.add_argument("--scvi", action="store_true", help="also k-means on scVI's latent (needs scvi-tools)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="also append the rows to this TSV")
+    p.add_argument("--posteriors", action="store_true",
+                   help="GMVAE: also clusters from the ELBO given y with sampled z (mc_clusters) and from the "
+                        "importance-weighted p(y|x) (iw_clusters), 20 draws each")
     p.add_argument("--misplaced", action="store_true",
                    help="print each clustering's misplaced cells with their library sizes")
     args = p.parse_args()
@@ -237,7 +274,8 @@ def main() -> None:
             base = {"dataset": name, "cells": adata.n_obs, "genes": adata.n_vars, "K": adata.obs["label"].nunique(),
                     "seed": seed, **baselines(adata, seed, args.scvi, args.max_epochs, args.threads)}
             for variant in args.variants.split(","):
-                row = {**base, "variant": variant, **run(adata.copy(), variant, seed, args.max_epochs, args.misplaced)}
+                row = {**base, "variant": variant, **run(adata.copy(), variant, seed, args.max_epochs, args.misplaced,
+                                                           args.posteriors)}
                 rows.append(row)
                 print("\t".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                       flush=True)

@@ -111,11 +111,10 @@ def test_a_learning_rate_drop_trains_on_from_best_and_resumes_exactly(tmp_path, 
     monkeypatch.setattr(training, "LR_DROP_FACTOR", 0.0)
     frozen = fit(X, tr, va, MODEL, tc, tmp_path / "c")
     assert frozen["lr_drops"] == [drop]  # the same run up to the cut
-    best_then = _parameters(load_checkpoint(tmp_path / "a" / "best.pt")["model_state"]) if full["best_epoch"] < drop \
-        else None
-    last = _parameters(_weights(tmp_path / "c"))
-    assert best_then is not None, "the uninterrupted run improved after its cut: pick data where it does not"
-    _assert_same_weights(best_then, last)
+    # run a's best.pt is still the one from before its cut (checked), so it is the weights run c was cut from
+    assert full["best_epoch"] < drop, "the uninterrupted run improved after its cut: pick data where it does not"
+    best_then = _parameters(load_checkpoint(tmp_path / "a" / "best.pt")["model_state"])
+    _assert_same_weights(best_then, _parameters(_weights(tmp_path / "c")))
 
 
 def test_different_model_in_existing_folder_is_refused(tmp_path):
