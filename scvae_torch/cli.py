@@ -317,8 +317,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prior-y", default=m.prior_y,
                    help=f"GMVAE mixture weights p(y): {one_of(PRIORS_Y)}")
     p.add_argument("--cluster-posterior", default=m.cluster_posterior,
-                   help=f"GMVAE clusters: {one_of(CLUSTER_POSTERIORS)} (elbo: the q*(y|x) that maximises the ELBO "
-                        "given the trained model; encoder: its q(y|x), scVAE's)")
+                   help=f"GMVAE clusters: {one_of(CLUSTER_POSTERIORS)} (encoder: its q(y|x), scVAE's; elbo: the "
+                        "q*(y|x) that maximises the ELBO given the trained model)")
     p.add_argument("--prior-z-variance", default=m.prior_z_variance,
                    help=f"GMVAE p(z|y): {one_of(PRIOR_Z_VARIANCES)} (component: each its own diagonal variance, "
                         "scVAE's; shared: one for every component)")

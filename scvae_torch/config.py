@@ -60,7 +60,7 @@ class ModelConfig:
     library_size: bool = True  # decoded mean = observed library size x softmax (docs/clustering.md)
     y_regularisation: str = "kl"
     prior_y: str = "learned"  # GMVAE mixture weights p(y): learned, or uniform (scVAE's default)
-    cluster_posterior: str = "elbo"  # GMVAE clusters from q*(y|x) (docs/clustering.md), or the encoder's q(y|x)
+    cluster_posterior: str = "encoder"  # GMVAE clusters from the encoder's q(y|x), or q*(y|x) (docs/clustering.md)
     prior_z_variance: str = "component"  # GMVAE p(z|y) = N(mu_y, diag var_y), or one var shared by every y
     free_nats: float = 0.0
     batches: list[str] = field(default_factory=list)  # batch covariate's categories (code = position); [] = none

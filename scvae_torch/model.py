@@ -362,7 +362,7 @@ class SCVAE:
         posterior
             "elbo": the q*(y|x) that maximises the ELBO given the trained q(z|x,y) and generative model,
             softmax over y of log p(y) + ELBO given y; "encoder": the encoder's q(y|x); None (default): the
-            model's ``cluster_posterior`` ("elbo" unless set; docs/clustering.md).
+            model's ``cluster_posterior`` ("encoder" unless set; docs/clustering.md).
         """
         module = self._gmvae()
         X = self._matrix(adata)

@@ -215,7 +215,7 @@ def test_elbo_cluster_posterior_maximises_the_elbo_over_q_y(monkeypatch, library
 
     with torch.no_grad():
         scores = model.component_elbos(x)
-        q_star = model.cluster_probabilities(x)
+        q_star = model.cluster_probabilities(x, posterior="elbo")
         encoder = model.cluster_probabilities(x, posterior="encoder")
     torch.testing.assert_close(q_star, torch.softmax(scores, -1))
     torch.testing.assert_close(encoder, model.responsibilities(x).detach())
@@ -230,19 +230,25 @@ def test_elbo_cluster_posterior_maximises_the_elbo_over_q_y(monkeypatch, library
 
 
 def test_predict_clusters_reads_the_configured_posterior(tmp_path):
-    """cluster_posterior 'elbo' (default) and 'encoder' give argmax of q*(y|x) and of q(y|x); both find the types of a
-    well-separated mixture."""
+    """cluster_posterior 'encoder' (default) and 'elbo' give argmax of q(y|x) and of q*(y|x) (softmax of
+    component_elbos); both find the types of a well-separated mixture."""
     from scvae_torch import SCVAE
 
     X, types = _mixture(n=600, seed=2)
     adata = __import__("anndata").AnnData(X, obs=pd.DataFrame(index=[f"c{i}" for i in range(X.shape[0])]))
     model = SCVAE(adata, model="gmvae", likelihood="poisson", encoder=[16], decoder=[16], latent=2, components=3)
-    assert model.model_config.cluster_posterior == "elbo"
+    assert model.model_config.cluster_posterior == "encoder"
     model.train(max_epochs=30, seed=0, train_size=0.9, validation_size=0.1)
     X_rows = np.arange(X.shape[0])
     q = responsibilities(model.module, X, X_rows)
-    np.testing.assert_array_equal(model.predict_clusters(posterior="encoder"), q.argmax(1))
-    elbo = model.predict_clusters()
+    default = model.predict_clusters()
+    np.testing.assert_array_equal(default, q.argmax(1))
+    np.testing.assert_array_equal(adata.obs["scvae_cluster"].astype(int).to_numpy(), default)
+    elbo = model.predict_clusters(posterior="elbo")
+    model.module.eval()
+    with torch.no_grad():
+        scores = model.module.component_elbos(torch.as_tensor(X.toarray()))
+    np.testing.assert_array_equal(elbo, scores.argmax(1).numpy())
     np.testing.assert_array_equal(adata.obs["scvae_cluster"].astype(int).to_numpy(), elbo)
     assert adjusted_rand_score(types, elbo) > 0.95 and adjusted_rand_score(types, q.argmax(1)) > 0.95
     with pytest.raises(ValueError, match="unknown cluster_posterior 'mean'"):
