@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anndata as ad
 import pandas as pd
 import pytest
 import yaml
@@ -66,6 +67,10 @@ def test_reduced_benchmark_on_the_shared_data_sets(tmp_path):
               env={"SCVAE_SHARED_DATA": shared})
     tables = work / "results" / "tables"
     t = pd.read_csv(tables / "benchmark.tsv", sep="\t")
+    # cellbench_5cl_3plates is scored on its singlets: demuxlet's doublets have no one cell line to score against
+    cells = pd.read_csv(Path(shared) / "cellbench_5cl_3plates.cells.tsv.gz", sep="\t")
+    kept = ad.read_h5ad(work / "results" / "data" / "cellbench_5cl_3plates" / "counts.h5ad", backed="r").obs_names
+    assert set(kept) == set(cells.loc[cells["demuxlet_cls"] == "SNG", "cell_id"]) and len(kept) == 571
     assert list(t.columns) == ["dataset", "method", "likelihood", "clustering", "test_elbo", "test_iw_log_lik",
                                "iw_samples", "ari", "ami", "test_cells", "job_seconds", "max_rss_mb"]
     assert (tables / "benchmark.md").read_text().count("\n|") >= len(t) + 1
